@@ -6,7 +6,7 @@ paper, we measure it with PromptBench's protocol (Zhu et al., 2023):
     cells    (task, group, prompt): 10 GLUE validation sets x the prompt file's groups (clean, deepwordbug,
              textfooler, checklist, semantic) x their instructions (6 each), all on the same examples of a task
     samples  min(300, size) examples per task, drawn once, saved to samples.json and reused
-    input    "{instruction} {content} ### Response:", CONTENT laying out each task's fields
+    input    "{instruction} {content} ### Response:", glue.CONTENT laying out each task's fields
              (--format train: data.PROMPT_TEMPLATE around "{instruction} {content}", what coin.py trains on)
     answer   greedy decoding of at most 7 new tokens, stopping at eos; parse_label reads a label off its start
     score    accuracy per cell; per task x group the mean and population std over prompts (Table 2), averaged
@@ -37,45 +37,45 @@ Other modes. --mode rank predicts the label whose tokens have the highest summed
 from one forward per batch (never invalid; reported as "mode": "rank", in <ckpt>/results_rank by default).
 --hidden-report TASK (paper §5.1, Fig. 4) compares final-norm hidden states at the last input token: the mean
 cosine similarity of each perturbed group to clean, pairing prompt p with clean prompt p (perturb.py perturbs
-clean prompt p into prompt p) and example i with example i, plus a 2-D PCA (hidden_pca.png with matplotlib).
---compare A B prints the difference B - A of two results dirs.
+clean prompt p into prompt p) and example i with example i, plus a 2-D PCA (report.py draws and compares).
 
     python evaluate.py --ckpt out/ --glue-dir examples/glue_demo
     python evaluate.py --base llama-7b-hf --adapter alpaca-lora-7b --glue-dir glue_data --out runs/alpaca
-    python evaluate.py --compare runs/alpaca out/results
+    python report.py runs/alpaca out/results        # the difference of two results dirs
 
-Shape legend: B rows of a batch, P prefix tokens, T tokens, D model dim, K labels, R = B*K rows, M label tokens,
-N examples, Q prompts of a group.
+Tasks, label words and the validation files' layouts are data: glue.py. Tables and plots: report.py.
+
+Shape legend: B rows of a batch, T tokens, K labels, R = B*K rows, M label tokens.
 
 Next: read the tests; tests/test_evaluate.py pins this protocol down.
 """
-import argparse
-import csv
 import json
 import random
 import string
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, pstdev
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config import DTYPES, opt, parse_flags, resolve_precision
 from data import PROMPT_TEMPLATE
-from model import DTYPES, generate, load_adapter, load_model, load_tokenizer, pool_last_token, write_atomically
+from files import read_jsonl, write_atomically
+from glue import CATEGORIES, LABELS, MNLI_PARTS, TASKS, load_task
+from hf_io import load_adapter, load_model, load_tokenizer
+from model import generate
+from report import hidden_report, render_tables
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "perturbed.json"  # written by perturb.py
-
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+STRIP = string.punctuation + string.whitespace + "‘’“”"  # stripped off both ends of an answer
 
 
 @dataclass
@@ -91,145 +91,23 @@ class EvalConfig:
     groups: str = opt("all", "comma list of the prompt file's groups")
     samples: int = opt(300, "examples per task: min(N, size) (PromptBench, CoIN: 300)")
     seed: int = opt(0, "seed of each task's sample draw")
-    format: str = opt("paper", "paper: '{instruction} {content} ### Response:'; train: coin.py's format")
+    format: str = opt("paper", "paper: '{instruction} {content} ### Response:'; train: coin.py's format",
+                      choices=("paper", "train"))
     max_new_tokens: int = opt(7, "greedy tokens per answer (the protocol: 7; not_entailment is 5 LLaMA tokens)")
-    mode: str = opt("generate", "generate (the paper's protocol) or rank (label log-likelihood)")
-    # Outputs and other modes
+    mode: str = opt("generate", "generate (the paper's protocol) or rank (label log-likelihood)",
+                    choices=("generate", "rank"))
+    # Outputs and the hidden-state report
     out: str = opt("", "results dir (default: <ckpt>/results, or results_rank)")
     resume: bool = opt(False, "skip the cells already complete in the results dir")
     hidden_report: str = opt("", "a task: hidden-state similarity to clean + PCA (paper Fig. 4), no accuracy")
-    compare: tuple = opt((), "two results dirs A B: print the B - A table and exit")
     # Machinery
     batch_size: int = opt(32, "inputs per batch (rank mode: each is one row per label)")
-    dtype: str = opt("", "bf16 | fp16 | fp32 weights (default: bf16 on a GPU, fp32 on a CPU)")
+    dtype: str = opt("", "weights (default: bf16 on a GPU, fp32 on a CPU)", choices=("bf16", "fp16", "fp32"))
     device: str = opt("", "cuda | cpu (default: cuda when there is a GPU)")
 
 
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description="GLUE robustness evaluation under perturbed instructions")
-    for f in fields(EvalConfig):
-        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default!r})"
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=help)
-        elif f.type is tuple:
-            parser.add_argument(flag, nargs=2, default=(), metavar=("A", "B"), help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=help)
-    return EvalConfig(**vars(parser.parse_args(argv)))
-
-
 # -----------------------------------------------------------------------------
-# 2. Tasks (pure data): label words, input layout, files
-
-NLI3 = ("entailment", "neutral", "contradiction")
-LABELS = {  # HF glue's label ids: LABELS[task][id] is the word the model must answer
-    "cola": ("unacceptable", "acceptable"), "mnli": NLI3, "mnli_matched": NLI3, "mnli_mismatched": NLI3,
-    "mrpc": ("not_equivalent", "equivalent"), "qnli": ("entailment", "not_entailment"),
-    "qqp": ("not_equivalent", "equivalent"), "rte": ("entailment", "not_entailment"),
-    "sst2": ("negative", "positive"), "wnli": ("not_entailment", "entailment"),
-}
-TASKS = tuple(LABELS)
-MNLI_PARTS = ("mnli_matched", "mnli_mismatched")  # mnli = their validation sets concatenated, matched first
-PAIR, NLI = "Sentence 1: {sentence1} Sentence 2: {sentence2}", "Premise: {premise} Hypothesis: {hypothesis}"
-CONTENT = {  # PromptBench's layout of each task's HF fields
-    "cola": "{sentence}", "sst2": "{sentence}", "qqp": "Question 1: {question1} Question 2: {question2}",
-    "mnli": NLI, "mnli_matched": NLI, "mnli_mismatched": NLI, "qnli": "Question: {question} Context: {sentence}",
-    "rte": PAIR, "mrpc": PAIR, "wnli": PAIR,
-}
-CATEGORIES = {"Sentiment": ("sst2",), "Grammar": ("cola",), "Paraphrase": ("qqp", "mrpc"),  # CoIN Table 1
-              "NLI": ("mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli")}
-# The GLUE download script's dev files: task -> (file, {HF field: column}). CoLA's file has no header row.
-COLA_HEADER = ["source", "label", "original_judgement", "sentence"]
-S12, MNLI_TSV = {"sentence1": "sentence1", "sentence2": "sentence2", "label": "label"}, {
-    "premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"}
-GLUE_TSV = {
-    "cola": ("CoLA/dev.tsv", {"sentence": "sentence", "label": "label"}),
-    "sst2": ("SST-2/dev.tsv", {"sentence": "sentence", "label": "label"}),
-    "mrpc": ("MRPC/dev.tsv", {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
-    "qqp": ("QQP/dev.tsv", {"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
-    "mnli_matched": ("MNLI/dev_matched.tsv", MNLI_TSV), "mnli_mismatched": ("MNLI/dev_mismatched.tsv", MNLI_TSV),
-    "qnli": ("QNLI/dev.tsv", {"question": "question", "sentence": "sentence", "label": "label"}),
-    "rte": ("RTE/dev.tsv", S12), "wnli": ("WNLI/dev.tsv", S12),
-}
-STRIP = string.punctuation + string.whitespace + "‘’“”"  # stripped off both ends of an answer
-
-
-# -----------------------------------------------------------------------------
-# 3. Data: validation rows from JSONL, TSV or HF datasets, and the seeded samples
-
-def label_id(task, value, where):
-    """A gold label as its HF glue id: ids (or digit strings) stay, label words ("entailment") map to theirs."""
-    labels = LABELS[task]
-    if isinstance(value, str):
-        text = value.strip()
-        value = int(text) if text.lstrip("-").isdigit() else labels.index(text) if text in labels else value
-    if value is None or value == -1:
-        raise ValueError(f"{where}: no label (-1): test splits have none; evaluate the validation split")
-    if type(value) is not int or not 0 <= value < len(labels):
-        raise ValueError(f"{where}: label {value!r} is none of {task}'s ids 0..{len(labels) - 1} or words {labels}")
-    return value
-
-
-def read_jsonl(path):
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rows += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-    return rows
-
-
-def read_tsv(path, part):
-    """[(where, {field: text})] of a GLUE dev file. QUOTE_NONE: GLUE sentences hold unbalanced quotes."""
-    with open(path, newline="", encoding="utf-8") as f:
-        table = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = COLA_HEADER if part == "cola" else table.pop(0) if table else []
-    absent = [c for c in GLUE_TSV[part][1].values() if c not in header]
-    if absent:
-        raise ValueError(f"{path}: no column {absent[0]!r} (test files have no labels: use the dev files)")
-    cols = {k: header.index(c) for k, c in GLUE_TSV[part][1].items()}
-    rows = []
-    for n, row in enumerate(table, 1 if part == "cola" else 2):
-        if len(row) <= max(cols.values()):
-            raise ValueError(f"{path}:{n}: {len(row)} tab-separated columns, {len(header)} expected")
-        rows.append((f"{path}:{n}", {k: row[i] for k, i in cols.items()}))
-    return rows
-
-
-def task_files(glue_dir, task):
-    """[(file, part)] holding `task`'s validation rows: <task>.jsonl files, else the GLUE TSV layout."""
-    parts = MNLI_PARTS if task == "mnli" and not (glue_dir / "mnli.jsonl").is_file() else (task,)
-    for found in ([(glue_dir / f"{p}.jsonl", p) for p in parts], [(glue_dir / GLUE_TSV[p][0], p) for p in parts]):
-        if all(path.is_file() for path, _ in found):
-            return found
-    raise FileNotFoundError(f"{glue_dir}: no {' + '.join(p + '.jsonl' for p in parts)} nor "
-                            f"{' + '.join(GLUE_TSV[p][0] for p in parts)} for task {task}")
-
-
-def load_task(task, glue_dir=""):
-    """`task`'s validation examples [{content, label}], in file order (mnli: matched, then mismatched)."""
-    if glue_dir:
-        rows = [r for path, part in task_files(Path(glue_dir), task)
-                for r in (read_jsonl(path) if path.suffix == ".jsonl" else read_tsv(path, part))]
-    else:
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError("no --glue-dir, and the `datasets` package is not installed: pass --glue-dir") from None
-        rows = [(f"glue/{part}/validation[{i}]", row) for part in (MNLI_PARTS if task == "mnli" else (task,))
-                for i, row in enumerate(datasets.load_dataset("glue", part, split="validation"))]
-    examples = []
-    for where, row in rows:
-        try:
-            content = CONTENT[task].format(**row)
-        except KeyError as e:
-            raise ValueError(f"{where}: no field {e} (HF glue names: {CONTENT[task]})") from None
-        examples.append({"content": content, "label": label_id(task, row.get("label"), where)})
-    if not examples:
-        raise ValueError(f"{task}: the validation set is empty")
-    return examples
-
+# 2. Samples: a seeded draw per task, saved and reused
 
 def draw_indices(task, size, n, seed):
     """Sorted positions of min(n, size) examples, from an RNG of this (seed, task) alone."""
@@ -251,7 +129,7 @@ def load_or_draw_samples(path, sizes, n, seed):
 
 
 # -----------------------------------------------------------------------------
-# 4. Prompts
+# 3. Prompts and inputs
 
 def load_prompt_set(path):
     """{group: {task: [instruction, ...]}}, checked for that shape."""
@@ -281,13 +159,11 @@ def build_input(instruction, content, fmt="paper"):
     """The model's input. paper: PromptBench's input with CoIN's response marker; train: coin.py's format."""
     if fmt == "paper":
         return f"{instruction.strip()} {content} ### Response:"
-    if fmt == "train":
-        return PROMPT_TEMPLATE.format(instruction=f"{instruction.strip()} {content}")
-    raise ValueError(f"--format {fmt}: choose paper or train")
+    return PROMPT_TEMPLATE.format(instruction=f"{instruction.strip()} {content}")
 
 
 # -----------------------------------------------------------------------------
-# 5. Predictions: generate and parse, or rank the labels
+# 4. Predictions: generate and parse, or rank the labels
 
 def parse_label(text, labels):
     """The label word `text` starts with once lowercased and stripped of punctuation, or None (invalid)."""
@@ -348,12 +224,16 @@ def predict(model, tokenizer, texts, labels, cfg, on_batch=None):
 
 
 # -----------------------------------------------------------------------------
-# 6. Cells, resume and atomic outputs
+# 5. Cells, resume and atomic outputs
 
 def plan_cells(prompt_set, tasks, groups):
-    """{"task/group/p": (task, group, p, instruction)}, in table order."""
-    return {f"{t}/{g}/{p}": (t, g, p, s) for t in tasks for g in groups
-            for p, s in enumerate(instructions(prompt_set, g, t))}
+    """{"task/group/p": (task, group, p, instruction)}, in table order; an error names a group lacking a task."""
+    cells = {}
+    for task in tasks:
+        for group in groups:
+            for p, instruction in enumerate(instructions(prompt_set, group, task)):
+                cells[f"{task}/{group}/{p}"] = (task, group, p, instruction)
+    return cells
 
 
 def previous_cells(out_dir, protocol, cells, samples):
@@ -367,36 +247,41 @@ def previous_cells(out_dir, protocol, cells, samples):
         raise ValueError(f"{results}: made with {changed[0]}={old['protocol'].get(changed[0])!r}, now "
                          f"{protocol[changed[0]]!r}; --resume needs the same protocol (or another --out)")
     records = defaultdict(list)
-    for _, r in read_jsonl(preds):
+    for _, r, _ in read_jsonl(preds):
         records[f"{r['task']}/{r['group']}/{r['prompt_index']}"].append(r)
-    old_cells = {k: (c["task"], c["group"], c["prompt_index"], c["instruction"]) for k, c in old["cells"].items()}
-    keep = [k for k, c in old_cells.items() if k in records and (k not in cells or (
-        cells[k] == c and sorted(r["idx"] for r in records[k]) == samples[c[0]]))]
-    return {k: old_cells[k] for k in keep}, {k: records[k] for k in keep}
+    kept_cells, kept_records = {}, {}
+    for key, c in old["cells"].items():
+        cell = (c["task"], c["group"], c["prompt_index"], c["instruction"])
+        # A cell of this plan is kept only if its instruction and its examples are unchanged.
+        unchanged = key not in cells or (cells[key] == cell and sorted(r["idx"] for r in records[key]) ==
+                                         samples[c["task"]])
+        if key in records and unchanged:
+            kept_cells[key], kept_records[key] = cell, records[key]
+    return kept_cells, kept_records
 
 
-def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol, progress=None):
+def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol):
     """Run every cell not complete yet, writing the outputs after each; return results.json's content."""
     old_cells, records = previous_cells(out_dir, protocol, cells, samples) if cfg.resume else ({}, {})
     all_cells, todo = {**old_cells, **cells}, [key for key in cells if key not in records]
-    bar = progress(sum(len(samples[cells[k][0]]) for k in todo)) if progress else None
+    bar = tqdm(total=sum(len(samples[cells[k][0]]) for k in todo), unit="ex", desc="evaluate", file=sys.stderr)
     for key in todo:
         task, group, p, instruction = cells[key]
         examples = [data[task][i] for i in samples[task]]
         texts = [build_input(instruction, ex["content"], cfg.format) for ex in examples]
-        answers = predict(model, tokenizer, texts, LABELS[task], cfg, bar.update if bar else None)
+        answers = predict(model, tokenizer, texts, LABELS[task], cfg, bar.update)
         records[key] = [dict(task=task, group=group, prompt_index=p, idx=i, raw=raw, pred=pred,
                              gold=LABELS[task][ex["label"]])
                         for i, ex, (raw, pred) in zip(samples[task], examples, answers)]
         write_outputs(out_dir, all_cells, records, protocol)  # after every cell: a crash loses this one at most
-    if bar:
-        bar.close()
+    bar.close()
     return write_outputs(out_dir, all_cells, records, protocol)
 
 
 def write_outputs(out_dir, cells, records, protocol):
     done = [key for key in cells if key in records]
-    write_atomically(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for k in done for r in records[k]))
+    lines = [json.dumps(r) + "\n" for key in done for r in records[key]]  # cell by cell, in table order
+    write_atomically(out_dir / "predictions.jsonl", "".join(lines))
     results = summarize({k: cells[k] for k in done}, records, protocol)
     write_atomically(out_dir / "results.json", json.dumps(results, indent=1))
     write_atomically(out_dir / "table.md", render_tables(results))
@@ -404,7 +289,7 @@ def write_outputs(out_dir, cells, records, protocol):
 
 
 # -----------------------------------------------------------------------------
-# 7. Aggregation: Table 2, Table 1, consistency, compare
+# 6. Aggregation: accuracy per cell, mean and std per task x group, consistency, averages
 
 def summarize(cells, records, protocol):
     """results.json: per cell; per task x group mean and population std over prompts; consistency; averages."""
@@ -422,123 +307,23 @@ def summarize(cells, records, protocol):
         summary[task][group] = dict(mean=mean(accs), std=pstdev(accs), prompts=len(cs),
                                     invalid_rate=mean(c["invalid_rate"] for c in cs))
         consistency[task][group] = 100 * mean(len(a) == 1 for a in answers[task, group].values())
-    groups = list(dict.fromkeys(g for _, g in by_pair))
-    means = {g: {t: summary[t][g]["mean"] for t in TASKS if g in summary.get(t, {})} for g in groups}
-    by_category = {g: {cat: mean(means[g][t] for t in ts if t in means[g]) for cat, ts in CATEGORIES.items()
-                       if any(t in means[g] for t in ts)} for g in groups}
-    averages = dict(by_group={g: mean(means[g].values()) for g in groups}, by_category=by_category,
-                    overall=mean(m for g in groups for m in means[g].values()) if groups else None)
     return dict(protocol=protocol, units="percent", cells=out_cells, summary=summary, consistency=consistency,
-                averages=averages)
+                averages=averages(summary, list(dict.fromkeys(g for _, g in by_pair))))
 
 
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
-
-
-def render_tables(results):
-    """table.md: Table 2 (groups x tasks, mean ± std), Table 1 (categories), consistency and invalid rate."""
-    summary, by_category = results["summary"], results["averages"]["by_category"]
-    tasks, groups = [t for t in TASKS if t in summary], list(results["averages"]["by_group"])
-    cats = list(dict.fromkeys(c for g in groups for c in by_category[g]))
-
-    def rows(cell, average=None):  # a row per group: a cell per task ("-": not evaluated), then the average
-        return [[g] + [cell(t, g) if g in summary[t] else "-" for t in tasks] + ([average(g)] if average else [])
-                for g in groups]
-
-    def row_average(g):  # the mean of the row's task means ± the mean of their stds
-        stats = [summary[t][g] for t in tasks if g in summary[t]]
-        return f"{mean(s['mean'] for s in stats):.1f} ± {mean(s['std'] for s in stats):.1f}"
-    table2 = rows(lambda t, g: f"{summary[t][g]['mean']:.1f} ± {summary[t][g]['std']:.1f}", row_average)
-    table1 = [[g] + [f"{by_category[g][c]:.1f}" if c in by_category[g] else "-" for c in cats] for g in groups]
-    return "\n".join([
-        f"# Results ({results['protocol']['mode']}): accuracy in %, mean ± population std over a group's prompts",
-        "", "## Table 2: groups x tasks", "", markdown_table(["group", *tasks, "Average"], table2),
-        "Average: the mean of the row's task means ± the mean of their stds.", "",
-        "## Table 1: task categories", "", markdown_table(["group", *cats], table1),
-        "## Consistency: % of examples predicted the same under every instruction of the group", "",
-        markdown_table(["group", *tasks], rows(lambda t, g: f"{results['consistency'][t][g]:.1f}")),
-        "## Invalid answers (%)", "",
-        markdown_table(["group", *tasks], rows(lambda t, g: f"{summary[t][g]['invalid_rate']:.1f}"))])
-
-
-def compare_tables(dir_a, dir_b):
-    """Markdown: B - A for every task x group both results dirs hold, and each group's average."""
-    paths = [Path(d) / "results.json" for d in (dir_a, dir_b)]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; --compare takes two results dirs of evaluate.py")
-    a, b = (json.loads(path.read_text())["summary"] for path in paths)
-    tasks = [t for t in TASKS if t in a and t in b]
-    groups = list(dict.fromkeys(g for t in tasks for g in a[t] if g in b[t]))
-    if not groups:
-        raise ValueError(f"{dir_a} and {dir_b} share no task x group")
-    rows = []
+def averages(summary, groups):
+    """Each group's mean over its task means, over each category's task means (Table 1), and over both."""
+    by_group, by_category, all_means = {}, {}, []
     for g in groups:
-        delta = {t: b[t][g]["mean"] - a[t][g]["mean"] for t in tasks if g in a[t] and g in b[t]}
-        rows.append([g] + [f"{delta[t]:+.1f}" if t in delta else "-" for t in tasks]
-                    + [f"{mean(delta.values()):+.1f}"])
-    return f"Δ accuracy (points), B - A: A = {dir_a}, B = {dir_b}\n\n" + markdown_table(
-        ["group", *tasks, "Average"], rows)
+        means = {t: summary[t][g]["mean"] for t in TASKS if g in summary.get(t, {})}  # task -> mean
+        by_group[g], all_means = mean(means.values()), all_means + list(means.values())
+        by_category[g] = {category: mean(means[t] for t in tasks if t in means)
+                          for category, tasks in CATEGORIES.items() if any(t in means for t in tasks)}
+    return dict(by_group=by_group, by_category=by_category, overall=mean(all_means) if all_means else None)
 
 
 # -----------------------------------------------------------------------------
-# 8. Hidden-state report (paper §5.1, Fig. 4)
-
-@torch.no_grad()
-def last_token_states(model, tokenizer, texts, batch_size):
-    """(N, D) fp32: the final-norm hidden state at each text's last token, the one that predicts the answer."""
-    states, device = [], model.lm_head.weight.device
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer.encode(t, bos=True) for t in texts[start:start + batch_size]]
-        width = max(map(len, ids))
-        padded = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in ids], device=device)  # (B, T)
-        hidden = model.hidden_states(padded)  # (B, T, D); right padding needs no mask
-        last = torch.tensor([len(x) - 1 for x in ids], device=device)  # (B,)
-        states.append(pool_last_token(hidden, last).float().cpu())
-    return torch.cat(states)
-
-
-def hidden_report(model, tokenizer, task, examples, prompt_set, groups, cfg, out_dir):
-    """Each perturbed group's mean cosine similarity to clean, paired by (prompt, example), and a 2-D PCA."""
-    if "clean" not in groups:
-        raise ValueError("--hidden-report compares each group with 'clean': include it in --groups")
-    states = {}  # group -> (Q, N, D)
-    for g in groups:
-        texts = [build_input(instruction, ex["content"], cfg.format)
-                 for instruction in instructions(prompt_set, g, task) for ex in examples]  # prompt-major
-        states[g] = last_token_states(model, tokenizer, texts, cfg.batch_size).view(-1, len(examples), model.args.dim)
-    clean = states["clean"]
-    cosine = {g: F.cosine_similarity(s[:len(clean)], clean[:len(s)], dim=-1).mean().item()  # (Q, N) -> mean
-              for g, s in states.items() if g != "clean"}  # prompts beyond the shorter group have no partner
-    flat = torch.cat([s.flatten(0, 1) for s in states.values()]).double().numpy()  # (sum of Q*N, D)
-    centred = flat - flat.mean(0)
-    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T  # (sum of Q*N, 2): coordinates on the two leading principal axes
-    ends = np.cumsum([s.shape[0] * s.shape[1] for s in states.values()])[:-1]
-    pca = {g: part.round(4).tolist() for g, part in zip(states, np.split(xy, ends))}
-    report = dict(task=task, examples=len(examples), state="final norm, last input token", cosine_to_clean=cosine,
-                  pca_explained_variance=(sv[:2] ** 2 / (sv ** 2).sum()).tolist(), pca=pca)
-    write_atomically(out_dir / "hidden_report.json", json.dumps(report))
-    try:  # the scatter plot needs matplotlib, an optional dependency
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return report, None
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for g, points in pca.items():
-        ax.scatter(*np.array(points).T, s=6, alpha=0.6, label=g)
-    ax.set(title=f"{task}: last-token hidden states", xlabel="PC 1", ylabel="PC 2")
-    ax.legend()
-    write_atomically(out_dir / "hidden_pca.png", lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-    plt.close(fig)
-    return report, out_dir / "hidden_pca.png"
-
-
-# -----------------------------------------------------------------------------
-# 9. Command line
+# 7. Command line
 
 def choose(text, allowed, what):
     names = list(allowed) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
@@ -574,56 +359,77 @@ def resolve_paths(cfg):
     return Path(base), ckpt, Path(cfg.out) if cfg.out else ckpt / leaf
 
 
-def run(cfg):
+@dataclass(frozen=True)
+class Run:
+    """What the flags name, resolved and checked before any model loads."""
+    base: Path
+    adapter: Path | None
+    out_dir: Path
+    device: str
+    dtype: torch.dtype
+    prompt_set: dict
+    tasks: list
+    groups: list
+
+
+def check_flags(cfg):
+    """A Run, or a ValueError naming the flag at fault: nothing is loaded or written before this passes."""
     base, adapter, out_dir = resolve_paths(cfg)
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg.dtype = cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")
-    if cfg.mode not in ("generate", "rank") or cfg.dtype not in DTYPES:
-        raise ValueError(f"--mode {cfg.mode} --dtype {cfg.dtype}: choose generate | rank and bf16 | fp16 | fp32")
     if min(cfg.samples, cfg.batch_size, cfg.max_new_tokens) < 1:
         raise ValueError("--samples, --batch-size and --max-new-tokens must be at least 1")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: no CUDA GPU here; use --device cpu")
-    build_input("", "", cfg.format)  # checks --format before any work
+    device, dtype = resolve_precision(cfg.device, cfg.dtype)
     prompt_set = load_prompt_set(cfg.prompts)
     tasks, groups = choose(cfg.hidden_report or cfg.tasks, TASKS, "task"), choose(cfg.groups, prompt_set, "group")
     if cfg.hidden_report and len(tasks) != 1:
         raise ValueError(f"--hidden-report {cfg.hidden_report}: name one task")
-    cells = plan_cells(prompt_set, tasks, groups)  # every (group, task) has instructions, or an error now
-    data = {task: load_task(task, cfg.glue_dir) for task in tasks}
-    model, tokenizer = load_model(base, DTYPES[cfg.dtype], cfg.device), load_tokenizer(base)
-    if adapter:
-        load_adapter(model, adapter)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples = load_or_draw_samples(out_dir / "samples.json", {t: len(data[t]) for t in tasks}, cfg.samples, cfg.seed)
-    if cfg.hidden_report:
-        report, png = hidden_report(model, tokenizer, tasks[0], [data[tasks[0]][i] for i in samples[tasks[0]]],
-                                    prompt_set, groups, cfg, out_dir)
-        for g, c in report["cosine_to_clean"].items():
-            print(f"{tasks[0]} {g:<12} mean cosine similarity to clean {c:.4f}")
-        print(f"wrote {out_dir / 'hidden_report.json'}" + (f" and {png}" if png else
-                                                           " (no PNG: pip install matplotlib to get the scatter)"))
-        return
-    # What the predictions depend on: --resume refuses to mix runs that differ in any of these.
-    protocol = dict(mode=cfg.mode, format=cfg.format, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                    samples=cfg.samples, dtype=cfg.dtype, base=str(base.resolve()),
-                    adapter=str(adapter.resolve()) if adapter else None,
-                    glue_dir=str(Path(cfg.glue_dir).resolve()) if cfg.glue_dir else "hf:glue")
-    results = evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol,
-                       progress=lambda total: tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr))
-    print(render_tables(results))
-    print(f"wrote {out_dir}/predictions.jsonl, results.json and table.md")
+    if cfg.hidden_report and "clean" not in groups:
+        raise ValueError("--hidden-report compares each group with 'clean': include it in --groups")
+    plan_cells(prompt_set, tasks, groups)  # every (group, task) has instructions, or an error now
+    return Run(base, adapter, out_dir, device, dtype, prompt_set, tasks, groups)
+
+
+def protocol_of(cfg, run):
+    """What the predictions depend on: --resume refuses to mix runs that differ in any of these."""
+    return dict(mode=cfg.mode, format=cfg.format, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                samples=cfg.samples, dtype=DTYPE_NAMES[run.dtype], base=str(run.base.resolve()),
+                adapter=str(run.adapter.resolve()) if run.adapter else None,
+                glue_dir=str(Path(cfg.glue_dir).resolve()) if cfg.glue_dir else "hf:glue")
+
+
+def write_hidden_report(model, tokenizer, examples, run, cfg):
+    """--hidden-report TASK: the inputs of every group's prompts on the task's samples, handed to report.py."""
+    task, texts = run.tasks[0], {}
+    for group in run.groups:
+        texts[group] = []  # prompt-major: every example under prompt 0, then under prompt 1, ...
+        for instruction in instructions(run.prompt_set, group, task):
+            texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
+    report, png = hidden_report(model, tokenizer, task, texts, len(examples), cfg.batch_size, run.out_dir)
+    for group, cosine in report["cosine_to_clean"].items():
+        print(f"{task} {group:<12} mean cosine similarity to clean {cosine:.4f}")
+    print(f"wrote {run.out_dir / 'hidden_report.json'}" +
+          (f" and {png}" if png else " (no PNG: pip install matplotlib to get the scatter)"))
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg = EvalConfig(**parse_flags(EvalConfig, argv, "GLUE robustness evaluation under perturbed instructions"))
     try:
-        if cfg.compare:
-            print(compare_tables(*cfg.compare))
-        else:
-            run(cfg)
+        run = check_flags(cfg)
+        data = {task: load_task(task, cfg.glue_dir) for task in run.tasks}
+        model, tokenizer = load_model(run.base, run.dtype, run.device), load_tokenizer(run.base)
+        if run.adapter:
+            load_adapter(model, run.adapter)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        sizes = {task: len(data[task]) for task in run.tasks}
+        samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, cfg.samples, cfg.seed)
+        if cfg.hidden_report:
+            write_hidden_report(model, tokenizer, [data[run.tasks[0]][i] for i in samples[run.tasks[0]]], run, cfg)
+            return
+        cells = plan_cells(run.prompt_set, run.tasks, run.groups)
+        results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    print(render_tables(results))
+    print(f"wrote {run.out_dir}/predictions.jsonl, results.json and table.md")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ synonym table, a handful of rewrite rules): they measure sensitivity to noise, n
 usually milder. For numbers comparable to the paper, feed evaluate.py PromptBench's precomputed prompts instead.
 
 Protected spans. The answer options must survive, or we would score a model that was told the wrong labels
-(PromptBench's LabelConstraint). Never touched: the label words of LABEL_WORDS, quoted spans ('positive'),
+(PromptBench's LabelConstraint). Never touched: the label words of glue.LABELS, quoted spans ('positive'),
 {placeholders} and any extra `protected` spans. `mask` swaps them for opaque markers before a level runs and `unmask`
 puts them back, so no level can even see them.
 
@@ -43,24 +43,20 @@ Next: read `evaluate.py`.
 import argparse
 import functools
 import json
-import os
 import random
 import re
 import string
-import tempfile
+from pathlib import Path
 from statistics import mean
+
+from files import write_atomically
+from glue import LABELS
 
 # -----------------------------------------------------------------------------
 # Constants
 
 LEVELS = ("clean", "deepwordbug", "textfooler", "checklist", "semantic")
-LABEL_WORDS = {  # the class names of the HF `glue` dataset
-    "cola": ("acceptable", "unacceptable"), "sst2": ("positive", "negative"),
-    "qqp": ("equivalent", "not_equivalent"), "mrpc": ("equivalent", "not_equivalent"),
-    "mnli": ("entailment", "neutral", "contradiction"), "qnli": ("entailment", "not_entailment"),
-    "rte": ("entailment", "not_entailment"), "wnli": ("entailment", "not_entailment"),
-}
-ALL_LABEL_WORDS = tuple(sorted({w for words in LABEL_WORDS.values() for w in words}))
+ALL_LABEL_WORDS = tuple(sorted({word for words in LABELS.values() for word in words}))  # glue.LABELS
 
 DEFAULT_RATES = {"deepwordbug": 0.4, "textfooler": 0.3}  # mean strength of the PromptBench prompts CoIN used
 CHECKLIST_LEN = 10  # PromptBench's CheckList appends 10 random characters from [A-Za-z0-9]
@@ -339,14 +335,14 @@ def load_prompts(path):
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a non-empty {{task: [instruction, ...]}} object, got {data!r:.40}")
     for task, instructions in data.items():
-        if task not in LABEL_WORDS:
-            raise ValueError(f"{path}: unknown task {task!r}: use one of {', '.join(LABEL_WORDS)}")
+        if task not in LABELS:
+            raise ValueError(f"{path}: unknown task {task!r}: use one of {', '.join(LABELS)}")
         if not isinstance(instructions, list) or not all(isinstance(s, str) and s.strip() for s in instructions):
             raise ValueError(f"{path}: task {task!r} must map to a list of non-empty instruction strings")
         for i, s in enumerate(instructions):
-            if not any(re.search(rf"(?<!\w){w}(?!\w)", s, re.IGNORECASE) for w in LABEL_WORDS[task]):
+            if not any(re.search(rf"(?<!\w){w}(?!\w)", s, re.IGNORECASE) for w in LABELS[task]):
                 raise ValueError(f"{path}: task {task!r} instruction {i} contains none of the label words "
-                                 f"{', '.join(LABEL_WORDS[task])}: add them so the model knows the answer space")
+                                 f"{', '.join(LABELS[task])}: add them so the model knows the answer space")
     return data
 
 
@@ -368,23 +364,10 @@ def build_prompt_set(clean, seed=0, n=6, rates=None, semantic=None, wordnet=Fals
         if level == "semantic" and semantic is not None:
             prompt_set[level] = first_n(semantic, clean, n, "--semantic file")
             continue
-        prompt_set[level] = {task: [perturb(s, level, seed, LABEL_WORDS[task], (rates or {}).get(level), wordnet)
+        prompt_set[level] = {task: [perturb(s, level, seed, LABELS[task], (rates or {}).get(level), wordnet)
                                     for s in instructions] for task, instructions in clean.items()}
     return prompt_set
 
-
-def write_json(path, obj):
-    """Write to a temporary file in the same folder, then os.replace it: a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 # -----------------------------------------------------------------------------
 # Strength report and CLI
@@ -426,7 +409,8 @@ def main(argv=None):
         rates = {level: getattr(args, f"{level}_rate") for level in DEFAULT_RATES}
         prompt_set = build_prompt_set(load_prompts(args.prompts), args.seed, args.n, rates, semantic, args.wordnet,
                                       source=args.prompts)
-        write_json(args.out, prompt_set)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(args.out, json.dumps(prompt_set, indent=2, ensure_ascii=False) + "\n")
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     clean = [s for instructions in prompt_set["clean"].values() for s in instructions]

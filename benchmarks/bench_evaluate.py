@@ -25,8 +25,11 @@ import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from evaluate import build_input, generate_batched, load_task  # noqa: E402
-from model import DTYPES, ModelArgs, Tokenizer, load_model  # noqa: E402
+from evaluate import build_input, generate_batched  # noqa: E402
+from config import DTYPES  # noqa: E402
+from glue import load_task  # noqa: E402
+from hf_io import Tokenizer, hf_config, load_model  # noqa: E402
+from model import ModelArgs  # noqa: E402
 
 SMALL = ModelArgs(dim=768, n_layers=12, n_heads=12, intermediate_size=2048, vocab_size=32000)
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama" / "tokenizer.model"
@@ -50,7 +53,7 @@ def sst2_like_inputs(tokenizer, n):
 def build_pair(dtype, device):
     """(ours, peer): the same random weights, in eval mode."""
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL.to_hf_config()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(SMALL)))
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = load_model(tmp, dtype=dtype, device=device)

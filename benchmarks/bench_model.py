@@ -27,7 +27,9 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ModelArgs, apply_lora, count_parameters, enable_gradient_checkpointing, load_model  # noqa: E402
+from hf_io import hf_config, load_model  # noqa: E402
+from memory import count_parameters  # noqa: E402
+from model import ModelArgs, apply_lora  # noqa: E402
 
 SMALL = ModelArgs(dim=768, n_layers=12, n_heads=12, intermediate_size=2048, vocab_size=32000)
 BATCH, SEQ_LEN, COIN_SUPERVISED = 4, 256, 8
@@ -37,7 +39,7 @@ LORA = dict(r=16, alpha=16, dropout=0.05)
 def build_pair(device):
     """(ours, peer): the same random bf16 weights, LoRA r=16 on q,k,v,o, in train mode."""
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL.to_hf_config()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(SMALL)))
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = load_model(tmp, dtype=torch.bfloat16, device=device)
@@ -49,7 +51,7 @@ def build_pair(device):
 
 
 def set_checkpointing(ours, peer, on):
-    enable_gradient_checkpointing(ours, on)
+    ours.grad_checkpointing = on
     if on:
         peer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:

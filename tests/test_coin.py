@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import coin
 from data import ContrastiveDataset, collate, load_examples
-from model import (Llama, ModelArgs, apply_lora, load_adapter, load_model, load_tokenizer, lora_state_dict,
-                   read_adapter_tensors)
+from hf_io import load_adapter, load_model, load_tokenizer, read_adapter_tensors, save_adapter
+from model import Llama, ModelArgs, apply_lora, lora_state_dict
 
 DEMO = "examples/flan_coin_demo.jsonl"
 
@@ -82,8 +82,7 @@ def test_lambda_is_the_upper_bound_of_the_weight():
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    cfg = coin.TrainConfig(lr=1e-4, warmup_ratio=0.1)
-    lrs = [coin.learning_rate(step, 100, cfg) for step in range(100)]
+    lrs = [coin.learning_rate(step, 100, 1e-4, 0.1) for step in range(100)]
     assert lrs[0] == 1e-5 and lrs[9] == lrs[10] == 1e-4 == max(lrs)  # 10 warmup steps, then the decay
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-4 / 90)
 
@@ -116,21 +115,20 @@ def test_ce_on_supervised_positions_equals_full_vocabulary_ce(stories):
     assert math.isclose(ours.item(), full.item(), rel_tol=1e-5)
 
 
-def lora_gradients(model, batches, cfg):
+def lora_gradients(model, batches, contrastive):
     model.zero_grad()
-    window_tokens = [sum(counts) for counts in zip(*map(coin.view_tokens, batches))]
+    window_tokens = [sum(counts) for counts in zip(*map(coin.supervised_tokens, batches))]
     for batch in batches:
-        loss, _ = coin.micro_batch_loss(model, batch, window_tokens, len(batches), cfg)
+        loss, _ = coin.micro_batch_loss(model, batch, window_tokens, len(batches), 0.05, 1000.0, contrastive)
         loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_accumulating_two_micro_batches_equals_one_big_batch(stories):
     model, tokenizer, items = stories
-    cfg = coin.TrainConfig(contrastive=False)
-    big = lora_gradients(model, [collate(items, tokenizer.pad_id)], cfg)
+    big = lora_gradients(model, [collate(items, tokenizer.pad_id)], contrastive=False)
     accumulated = lora_gradients(model, [collate(items[:2], tokenizer.pad_id),
-                                         collate(items[2:], tokenizer.pad_id)], cfg)
+                                         collate(items[2:], tokenizer.pad_id)], contrastive=False)
     assert all(big[n].abs().sum() > 0 for n in big)
     for name in big:
         assert torch.allclose(big[name], accumulated[name], rtol=1e-5, atol=1e-6), name
@@ -181,11 +179,12 @@ def test_no_contrastive_trains_on_the_generation_loss_alone(tmp_path, stories_di
 
 def interrupt_after(monkeypatch, step):
     """Press Ctrl-C (a real SIGINT) right after optimizer step `step`."""
-    real_step = coin.train_step
+    real_step, steps = coin.train_step, []
 
     def step_then_ctrl_c(*args):
         record = real_step(*args)
-        if record["step"] == step:
+        steps.append(record)
+        if len(steps) == step:
             os.kill(os.getpid(), signal.SIGINT)
         return record
     monkeypatch.setattr(coin, "train_step", step_then_ctrl_c)
@@ -255,7 +254,7 @@ def test_a_bad_data_file_shows_the_report_and_writes_nothing(tmp_path, stories_d
 def test_an_adapter_for_another_base_is_refused_before_writing(tmp_path, stories_dir):
     other = Llama(ModelArgs.tiny(dim=96, n_heads=6, n_kv_heads=3))  # stories260K has dim 64
     apply_lora(other)
-    coin.save_adapter(other, tmp_path / "adapter")
+    save_adapter(other, tmp_path / "adapter")
     with pytest.raises(SystemExit, match="has shape .* but this model needs .* base model of another size"):
         run(tmp_path, stories_dir, "--adapter", str(tmp_path / "adapter"))
     assert not (tmp_path / "out").exists()
@@ -265,13 +264,13 @@ def test_continuing_an_adapter_starts_from_its_weights(tmp_path, stories_dir):
     first = run(tmp_path, stories_dir, "--max-steps", "2", out="first")
     cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first), "--dtype", "fp32",
                              "--lora-r", "4", "--device", "cpu"])
-    model, _, names = coin.build_model(cfg, torch.float32)
+    model, _, lora = coin.build_model(cfg, "cpu", torch.float32)
     _, saved = read_adapter_tensors(first)
     current = lora_state_dict(model)
-    assert all(torch.equal(current[k], saved[k]) for k in saved) and cfg.lora_r == 16  # the adapter's r wins
+    assert all(torch.equal(current[k], saved[k]) for k in saved) and lora["lora_r"] == 16  # the adapter's r wins
     cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first), "--merge-adapter",
                              "--device", "cpu"])
-    merged, _, _ = coin.build_model(cfg, torch.float32)
+    merged, _, _ = coin.build_model(cfg, "cpu", torch.float32)
     assert all(not p.any() for n, p in lora_state_dict(merged).items() if "lora_B" in n)  # a fresh LoRA
     plain = load_model(stories_dir)
     q = "model.layers.0.self_attn.q_proj.weight"

@@ -1,4 +1,4 @@
-"""Tests for evaluate.py: parsing, labels, loaders, samples, batching, rank scoring, outputs, resume and errors.
+"""Tests for evaluate.py: parsing, samples, batching, rank scoring, outputs, resume and errors.
 
 End-to-end runs use the real tiny model ../shared/models/stories260K with a random LoRA adapter, the demo data in
 examples/glue_demo and a small prompt file, so each takes about a second on a CPU.
@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 import evaluate
 import perturb
-from model import apply_lora, generate, load_model, load_tokenizer, save_adapter
+import report
+from glue import LABELS, TASKS, load_task
+from hf_io import load_model, load_tokenizer, save_adapter
+from model import apply_lora, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "glue_demo"
@@ -65,19 +68,19 @@ def read_predictions(results_dir):
 
 
 @pytest.mark.parametrize("generated, labels, parsed", [
-    ("Not_entailment.", perturb.LABEL_WORDS["rte"], "not_entailment"),
-    ("'Unacceptable'", perturb.LABEL_WORDS["cola"], "unacceptable"),
-    ("acceptable", perturb.LABEL_WORDS["cola"], "acceptable"),
-    ("neutral, because", perturb.LABEL_WORDS["mnli"], "neutral"),
-    ("", perturb.LABEL_WORDS["mnli"], None),
-    ("  \"Positive\"!\n### Instruction", perturb.LABEL_WORDS["sst2"], "positive"),
-    ("entailment", perturb.LABEL_WORDS["wnli"], "entailment"),
-    ("not_equivalent", perturb.LABEL_WORDS["qqp"], "not_equivalent"),
-    ("equivalent.", perturb.LABEL_WORDS["mrpc"], "equivalent"),
-    ("not entailment", perturb.LABEL_WORDS["rte"], None),  # the strict reading (module docstring)
-    ("not-entailment", perturb.LABEL_WORDS["rte"], None),
-    ("The answer is positive", perturb.LABEL_WORDS["sst2"], None),
-    ("...", perturb.LABEL_WORDS["sst2"], None),
+    ("Not_entailment.", LABELS["rte"], "not_entailment"),
+    ("'Unacceptable'", LABELS["cola"], "unacceptable"),
+    ("acceptable", LABELS["cola"], "acceptable"),
+    ("neutral, because", LABELS["mnli"], "neutral"),
+    ("", LABELS["mnli"], None),
+    ("  \"Positive\"!\n### Instruction", LABELS["sst2"], "positive"),
+    ("entailment", LABELS["wnli"], "entailment"),
+    ("not_equivalent", LABELS["qqp"], "not_equivalent"),
+    ("equivalent.", LABELS["mrpc"], "equivalent"),
+    ("not entailment", LABELS["rte"], None),  # the strict reading (module docstring)
+    ("not-entailment", LABELS["rte"], None),
+    ("The answer is positive", LABELS["sst2"], None),
+    ("...", LABELS["sst2"], None),
 ])
 def test_parse_label(generated, labels, parsed):
     assert evaluate.parse_label(generated, labels) == parsed
@@ -88,91 +91,8 @@ def test_parse_label_tries_the_longest_label_first():
     assert evaluate.parse_label("a b", ("a", "ab")) == "a"
 
 
-def test_label_ids_follow_hf_glue():
-    nli = ("entailment", "neutral", "contradiction")
-    assert evaluate.LABELS == {
-        "cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
-        "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_equivalent", "equivalent"),
-        "mnli": nli, "mnli_matched": nli, "mnli_mismatched": nli,
-        "qnli": ("entailment", "not_entailment"), "rte": ("entailment", "not_entailment"),
-        "wnli": ("not_entailment", "entailment")}
-
-
-def test_label_words_agree_with_perturb():
-    for task, labels in evaluate.LABELS.items():
-        assert set(labels) == set(perturb.LABEL_WORDS[task.split("_")[0]]), task
-
-
 # -----------------------------------------------------------------------------
-# Data: loaders and samples
-
-GLUE_FILES = {  # the GLUE download script's layout: a header row except for CoLA, labels as ids or words
-    "CoLA/dev.tsv": "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n",
-    "SST-2/dev.tsv": "sentence\tlabel\na fine film \t1\na \"dull\" one\t0\n",
-    "MRPC/dev.tsv": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA b.\tB a.\n0\t3\t4\tC.\tD.\n",
-    "QQP/dev.tsv": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n7\t1\t2\tWhy?\tHow?\t0\n",
-    "MNLI/dev_matched.tsv": "index\tsentence1\tsentence2\tlabel1\tgold_label\n0\tP1.\tH1.\tneutral\tneutral\n",
-    "MNLI/dev_mismatched.tsv": "index\tsentence1\tsentence2\tlabel1\tgold_label\n0\tP2.\tH2.\tx\tcontradiction\n",
-    "QNLI/dev.tsv": "index\tquestion\tsentence\tlabel\n0\tWho?\tHe did.\tentailment\n",
-    "RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tS1.\tS2.\tnot_entailment\n",
-    "WNLI/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tIt fell.\tThe cup fell.\t1\n",
-}
-
-
-def write_glue(root, files=GLUE_FILES):
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-    return root
-
-
-def test_tsv_loader_reads_the_glue_layout(tmp_path):
-    glue = write_glue(tmp_path)
-    load = lambda task: evaluate.load_task(task, glue)  # noqa: E731
-    assert load("cola") == [{"content": "The cat sat.", "label": 1}, {"content": "Cat the sat.", "label": 0}]
-    assert load("sst2")[1] == {"content": 'a "dull" one', "label": 0}  # quotes kept as they are (QUOTE_NONE)
-    assert load("mrpc")[0] == {"content": "Sentence 1: A b. Sentence 2: B a.", "label": 1}
-    assert load("qqp") == [{"content": "Question 1: Why? Question 2: How?", "label": 0}]
-    assert load("mnli") == [{"content": "Premise: P1. Hypothesis: H1.", "label": 1},   # matched first
-                            {"content": "Premise: P2. Hypothesis: H2.", "label": 2}]
-    assert load("mnli_mismatched") == load("mnli")[1:]
-    assert load("qnli") == [{"content": "Question: Who? Context: He did.", "label": 0}]
-    assert load("rte") == [{"content": "Sentence 1: S1. Sentence 2: S2.", "label": 1}]
-    assert load("wnli") == [{"content": "Sentence 1: It fell. Sentence 2: The cup fell.", "label": 1}]
-
-
-def test_jsonl_loader_reads_hf_fields_and_concatenates_mnli(tmp_path):
-    rows = {"mnli_matched": [{"premise": "P.", "hypothesis": "H.", "label": 2, "idx": 0}],
-            "mnli_mismatched": [{"premise": "Q.", "hypothesis": "G.", "label": 0, "idx": 0}],
-            "qnli": [{"question": "Who?", "sentence": "Me.", "label": 1, "idx": 0}]}
-    for task, items in rows.items():
-        (tmp_path / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    assert evaluate.load_task("mnli", tmp_path) == [{"content": "Premise: P. Hypothesis: H.", "label": 2},
-                                                     {"content": "Premise: Q. Hypothesis: G.", "label": 0}]
-    assert evaluate.load_task("qnli", tmp_path) == [{"content": "Question: Who? Context: Me.", "label": 1}]
-
-
-def test_the_demo_data_loads_for_every_task():
-    sizes = {task: len(evaluate.load_task(task, DEMO)) for task in evaluate.TASKS}
-    assert sizes["mnli"] == sizes["mnli_matched"] + sizes["mnli_mismatched"]
-    assert all(20 <= n <= 42 for n in sizes.values()), sizes
-    for task in evaluate.TASKS:  # every class present
-        assert {ex["label"] for ex in evaluate.load_task(task, DEMO)} == set(range(len(evaluate.LABELS[task])))
-
-
-@pytest.mark.parametrize("files, message", [
-    ({"rte.jsonl": '{"sentence1": "a", "sentence2": "b", "label": -1, "idx": 0}\n'}, "test splits have none"),
-    ({"rte.jsonl": '{"sentence1": "a", "label": 0, "idx": 0}\n'}, "no field 'sentence2'"),
-    ({"rte.jsonl": '{"sentence1": "a", "sentence2": "b", "label": 5}\n'}, "label 5 is none of"),
-    ({"rte.jsonl": "{not json\n"}, "rte.jsonl:1: not JSON"),
-    ({"RTE/dev.tsv": "index\tsentence1\tsentence2\n0\ta\tb\n"}, "no column 'label'"),
-    ({"RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\ta\n"}, "dev.tsv:2: 2 tab-separated columns"),
-    ({}, "no rte.jsonl nor RTE/dev.tsv"),
-])
-def test_bad_data_files_give_one_line_errors(tmp_path, files, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
-        evaluate.load_task("rte", write_glue(tmp_path, files))
-
+# Samples
 
 def test_samples_are_stable_across_processes_and_independent_of_other_tasks(tmp_path):
     here = evaluate.draw_indices("rte", 1000, 300, 0)
@@ -206,7 +126,7 @@ def test_mnli_instructions_serve_its_parts_and_bad_prompt_files_are_refused(tmp_
     assert evaluate.instructions(PROMPTS, "clean", "mnli_matched") == PROMPTS["clean"]["mnli"]
     shipped = evaluate.load_prompt_set(evaluate.DEFAULT_PROMPTS)
     assert set(shipped) == set(perturb.LEVELS)
-    assert len(evaluate.plan_cells(shipped, evaluate.TASKS, list(shipped))) == 10 * 5 * 6
+    assert len(evaluate.plan_cells(shipped, TASKS, list(shipped))) == 10 * 5 * 6
     for bad in ({"clean": ["a list, not a dict of tasks"]}, {"clean": {"sst2": []}}, {"clean": {"sst2": [3]}}, []):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="expected {group: {task: "):
@@ -219,7 +139,7 @@ def test_mnli_instructions_serve_its_parts_and_bad_prompt_files_are_refused(tmp_
 
 def test_batched_generation_matches_one_at_a_time_token_for_token(stories_dir):
     model, tok = load_model(stories_dir), load_tokenizer(stories_dir)
-    examples = evaluate.load_task("rte", DEMO)[:6] + evaluate.load_task("sst2", DEMO)[:6]
+    examples = load_task("rte", DEMO)[:6] + load_task("sst2", DEMO)[:6]
     prompts = [tok.encode(evaluate.build_input(PROMPTS["clean"]["rte"][0], ex["content"])) for ex in examples]
     prompts.append(tok.encode("A different instruction: no shared prefix beyond BOS"))
     assert len({len(p) for p in prompts}) > 6  # lengths differ, so batches are left-padded
@@ -251,7 +171,7 @@ def test_end_to_end_writes_predictions_results_and_tables(ckpt, prompts, capsys)
     preds = read_predictions(out)
     assert len(preds) == 2 * 2 * 2 * 3  # tasks x groups x prompts x samples
     assert set(preds[0]) == {"task", "group", "prompt_index", "idx", "raw", "pred", "gold"}
-    assert all(p["pred"] in (None, *evaluate.LABELS[p["task"]]) for p in preds)
+    assert all(p["pred"] in (None, *LABELS[p["task"]]) for p in preds)
     results = json.loads((out / "results.json").read_text())
     assert len(results["cells"]) == 8 and results["protocol"]["mode"] == "generate"
     cell = results["cells"]["sst2/clean/1"]
@@ -300,7 +220,7 @@ def test_rank_mode_is_reported_separately_and_never_invalid(ckpt, prompts):
     results = json.loads((ckpt / "results_rank" / "results.json").read_text())
     assert results["protocol"]["mode"] == "rank" and "rank" in (ckpt / "results_rank" / "table.md").read_text()
     preds = read_predictions(ckpt / "results_rank")
-    assert len(preds) == 2 * 1 * 3 and all(p["pred"] in evaluate.LABELS["mnli"] for p in preds)
+    assert len(preds) == 2 * 1 * 3 and all(p["pred"] in LABELS["mnli"] for p in preds)
     assert all(p["pred"] == max(p["raw"], key=p["raw"].get) for p in preds)
     assert not (ckpt / "results").exists()
 
@@ -314,7 +234,7 @@ def test_hidden_report_pairs_each_group_with_clean(ckpt, prompts):
 
 
 # -----------------------------------------------------------------------------
-# Aggregation and --compare on hand-made records
+# Aggregation on hand-made records
 
 
 def records_for(cells, answers):
@@ -337,19 +257,7 @@ def test_summary_means_population_std_consistency_and_categories():
     answers["sst2/clean/1"] = [("negative", "positive")] * 2  # 0%: std over prompts is 25 (population)
     results = evaluate.summarize(cells, records_for(cells, answers), {"mode": "generate"})
     assert results["summary"]["sst2"]["clean"]["std"] == 25.0
-    assert "| clean | 100.0 ± 0.0 | 25.0 ± 25.0 | 62.5 ± 12.5 |" in evaluate.render_tables(results)
-
-
-def test_compare_prints_the_difference_of_two_results_dirs(tmp_path):
-    cells = {"sst2/clean/0": ("sst2", "clean", 0, "a")}
-    for name, pred in (("a", "negative"), ("b", "positive")):
-        results = evaluate.summarize(cells, records_for(cells, {"sst2/clean/0": [(pred, "positive")]}), {"mode": "g"})
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(results))
-    table = evaluate.compare_tables(tmp_path / "a", tmp_path / "b")
-    assert "| clean | +100.0 | +100.0 |" in table
-    with pytest.raises(SystemExit, match="^error: .*results.json: not found"):
-        evaluate.main(["--compare", str(tmp_path / "a"), str(tmp_path / "nowhere")])
+    assert "| clean | 100.0 ± 0.0 | 25.0 ± 25.0 | 62.5 ± 12.5 |" in report.render_tables(results)
 
 
 # -----------------------------------------------------------------------------
@@ -376,7 +284,7 @@ def test_bad_input_gives_a_one_line_error(ckpt, prompts, tmp_path):
          "not found"),
         ([], "give --ckpt OUT_DIR, or --base"),
         (["--ckpt", str(ckpt), "--samples", "0"], "must be at least 1"),
-        (["--ckpt", str(ckpt), "--mode", "vote"], "choose generate | rank"),
+        (["--ckpt", str(ckpt), "--mode", "vote"], "argument --mode: invalid choice: 'vote'"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as info:

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import (Llama, LoRALinear, ModelArgs, apply_lora, load_adapter, load_model, lora_state_dict, merge_lora,
-                   save_adapter)
+from hf_io import hf_config, load_adapter, load_model, save_adapter
+from model import Llama, LoRALinear, ModelArgs, apply_lora, lora_state_dict, merge_lora
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference model")
 peft = pytest.importorskip("peft", reason="peft is the reference LoRA")
@@ -18,7 +18,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 def save_random_base(path, args=ModelArgs.tiny(), seed=0):
     """A random HF LLaMA saved to `path`; returns the directory."""
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args.to_hf_config()))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(args)))
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.1)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model import (Llama, ModelArgs, apply_lora, count_parameters, enable_gradient_checkpointing,
-                   estimate_training_memory, largest_micro_batch, saved_activation_bytes)
+from memory import count_parameters, estimate_training_memory, largest_micro_batch, saved_activation_bytes
+from model import Llama, ModelArgs, apply_lora
 
 
 def measured_saved_bytes(model, ids, autocast):
@@ -42,7 +42,8 @@ def wide_models():
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_activation_estimate_matches_saved_tensors(wide_models, n_layers, checkpointing, autocast):
-    model = enable_gradient_checkpointing(wide_models[n_layers], checkpointing)
+    model = wide_models[n_layers]
+    model.grad_checkpointing = checkpointing
     B, T = 2, 16
     ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
     measured = measured_saved_bytes(model, ids, autocast)

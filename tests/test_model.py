@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import (KVCache, Llama, ModelArgs, apply_lora, count_parameters, enable_gradient_checkpointing, generate,
-                   load_model, load_tokenizer)
+from hf_io import hf_config, load_model, load_tokenizer
+from memory import count_parameters
+from model import KVCache, Llama, ModelArgs, apply_lora, generate
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for logit parity")
 
@@ -23,7 +24,7 @@ STORIES_GOLDEN = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 40
 def random_hf_model(args, seed=0):
     """A transformers LlamaForCausalLM with random weights big enough that layout mistakes show in the logits."""
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args.to_hf_config())).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(args))).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.copy_(1 + 0.5 * torch.rand_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
@@ -82,7 +83,7 @@ def test_tied_embeddings_with_or_without_a_stored_lm_head(tmp_path, store_lm_hea
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     else:
         state.pop("lm_head.weight", None)
-    (tmp_path / "config.json").write_text(json.dumps(args.to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(args)))
     save_file(state, tmp_path / "model.safetensors")
     ours = load_model(tmp_path)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
@@ -95,7 +96,7 @@ def test_pytorch_bin_checkpoint_with_rotary_buffers_loads(tmp_path):
     hf = random_hf_model(ModelArgs.tiny())
     state = dict(hf.state_dict())
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # what older HF checkpoints carry
-    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.tiny().to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(ModelArgs.tiny())))
     torch.save(state, tmp_path / "pytorch_model.bin")
     ours = load_model(tmp_path)
     ids = torch.randint(0, 128, (1, 9))
@@ -203,7 +204,7 @@ def test_gradient_checkpointing_gives_equal_lora_gradients(stories_dir):
     lora_grads(model, ids, seed=0)
     optimizer.step()  # B starts at zero, so A's gradient is zero until B has moved once
     plain = lora_grads(model, ids, seed=1)
-    enable_gradient_checkpointing(model)
+    model.grad_checkpointing = True
     checkpointed = lora_grads(model, ids, seed=1)
     assert plain.keys() == checkpointed.keys() and len(plain) == 5 * 4 * 2
     for name in plain:
@@ -228,7 +229,7 @@ def test_directory_without_config(tmp_path):
 
 
 def test_directory_without_weights(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.tiny().to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(ModelArgs.tiny())))
     with pytest.raises(FileNotFoundError) as e:
         load_model(tmp_path)
     assert_one_line_error(e, str(tmp_path), "no model.safetensors")
@@ -255,7 +256,7 @@ def test_missing_shard(tmp_path):
 def test_weight_of_the_wrong_shape(tmp_path):
     args = ModelArgs.tiny()
     save_hf(random_hf_model(args), tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(ModelArgs.tiny(intermediate_size=96).to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(ModelArgs.tiny(intermediate_size=96))))
     with pytest.raises(ValueError) as e:
         load_model(tmp_path)
     assert_one_line_error(e, "model.layers.0.mlp.down_proj.weight has shape (64, 128)", "(64, 96)", "disagree")
@@ -264,7 +265,7 @@ def test_weight_of_the_wrong_shape(tmp_path):
 def test_unexpected_and_missing_keys(tmp_path):
     args = ModelArgs.tiny()
     state = {k: v.contiguous() for k, v in random_hf_model(args).state_dict().items()}
-    (tmp_path / "config.json").write_text(json.dumps(args.to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(args)))
     save_file(dict(state, **{"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}), tmp_path / "model.safetensors")
     with pytest.raises(ValueError) as e:
         load_model(tmp_path)
@@ -277,7 +278,7 @@ def test_unexpected_and_missing_keys(tmp_path):
 
 
 def test_unsupported_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(ModelArgs.tiny().to_hf_config(),
+    (tmp_path / "config.json").write_text(json.dumps(dict(hf_config(ModelArgs.tiny()),
                                                           rope_scaling={"rope_type": "llama3", "factor": 8.0})))
     with pytest.raises(ValueError) as e:
         load_model(tmp_path)

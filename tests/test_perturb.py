@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import perturb
+from glue import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 CLEAN_FILE = ROOT / "prompts" / "clean.json"
@@ -38,7 +39,7 @@ def test_shipped_instructions_are_six_per_glue_task_and_quote_every_label_word()
     for task, items in prompts.items():
         assert len(items) == len(set(items)) == 6
         for s in items:
-            assert all(f"'{w}'" in s for w in perturb.LABEL_WORDS[task]), (task, s)
+            assert all(f"'{w}'" in s for w in LABELS[task]), (task, s)
 
 
 @pytest.mark.parametrize("level", perturb.LEVELS[1:])
@@ -46,7 +47,7 @@ def test_quoted_label_words_survive_1000_seeds_of_every_shipped_instruction(leve
     for task, s in shipped():
         options = sorted(QUOTED.findall(s))
         for seed in range(1000):
-            out = perturb.perturb(s, level, seed, perturb.LABEL_WORDS[task])
+            out = perturb.perturb(s, level, seed, LABELS[task])
             assert sorted(QUOTED.findall(out)) == options, (level, seed, s, out)
 
 
@@ -207,9 +208,9 @@ def test_cli_uses_a_user_semantic_file_and_per_level_rates(tmp_path):
     ("{}", r"expected a non-empty"),
     ('{"sst2": "Say positive or negative."}', r"task 'sst2' must map to a list of non-empty instruction strings"),
     ('{"sst2": [3]}', r"task 'sst2' must map to a list"),
-    ('{"imdb": ["positive or negative"]}', r"unknown task 'imdb': use one of cola, sst2"),
+    ('{"imdb": ["positive or negative"]}', r"unknown task 'imdb': use one of cola, mnli"),
     ('{"sst2": ["Say positive or negative.", "Rate the film."]}',
-     r"task 'sst2' instruction 1 contains none of the label words positive, negative: add them"),
+     r"task 'sst2' instruction 1 contains none of the label words negative, positive: add them"),
 ])
 def test_bad_prompt_files_give_a_one_line_error(tmp_path, content, message):
     path = tmp_path / "prompts.json"
@@ -241,13 +242,9 @@ def test_semantic_file_missing_a_task_is_an_error(tmp_path):
                       "--semantic", str(tmp_path / "mine.json")])
 
 
-def test_write_is_atomic_so_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
-    out = tmp_path / "prompts.json"
-    out.write_text("old")
-    monkeypatch.setattr(json, "dumps", lambda *args, **kwargs: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        perturb.write_json(out, {"clean": {}})
-    assert out.read_text() == "old" and os.listdir(tmp_path) == ["prompts.json"]
+def test_perturb_is_torch_free():
+    code = "import sys, perturb; assert 'torch' not in sys.modules, 'perturb.py imported torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_wordnet_adds_single_word_lemmas_that_are_not_label_words(monkeypatch):

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import sentencepiece as spm
 
-from model import Tokenizer, load_tokenizer
+from hf_io import Tokenizer, load_tokenizer
 
 BASE = [
     "Once upon a time", "Determine whether the sentence is positive or negative.", "Is the premise entailed?",

@@ -1,0 +1,278 @@
+"""hf_io.py: reading and writing the files of the HF and peft worlds: config.json, weights, adapters, tokenizer.
+
+A support module beside model.py: model.py defines the network, this file fills it. Read it after model.py.
+
+    read_model_args / hf_config     config.json <-> ModelArgs
+    load_model / save_model         a HF LLaMA directory (safetensors or .bin, sharded or not) <-> Llama
+    load_adapter / save_adapter     a peft LoRA adapter directory (alpaca-lora's included) <-> LoRA layers
+    load_tokenizer                  tokenizer.model, checked against config.json
+
+Our parameter names are the HF keys, and our LoRA keys are peft's minus `base_model.model.`, so every loader is
+a loop that checks each key and shape and says which one is wrong. Nothing here unpickles code: safetensors, or
+`torch.load(weights_only=True)` for legacy .bin files.
+
+Next: read `data.py`.
+"""
+import json
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from files import write_atomically
+from model import Llama, LoRALinear, ModelArgs, apply_lora, is_lora_target, lora_state_dict
+
+# -----------------------------------------------------------------------------
+# 1. config.json
+
+# Our field -> the HF config.json key it is read from.
+HF_CONFIG_KEYS = dict(
+    dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+    n_kv_heads="num_key_value_heads", intermediate_size="intermediate_size", vocab_size="vocab_size",
+    norm_eps="rms_norm_eps", rope_theta="rope_theta", head_dim="head_dim",
+    tie_word_embeddings="tie_word_embeddings",
+)
+
+
+def read_model_args(path):
+    """ModelArgs from a HF LLaMA config.json (or the directory holding it); refuses what the decoder lacks."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found; point at a HF LLaMA directory (config.json + weights)")
+    cfg = json.loads(file.read_text())
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 nests rope_theta here
+    cfg.setdefault("rope_theta", rope.get("rope_theta", ModelArgs.rope_theta))
+    unsupported = {"hidden_act": cfg.get("hidden_act", "silu") != "silu",
+                   "attention_bias": cfg.get("attention_bias", False), "mlp_bias": cfg.get("mlp_bias", False),
+                   "rope_scaling": rope.get("rope_type", rope.get("type", "default")) != "default"}
+    for name, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"{file}: {name} is not supported by coin's plain LLaMA decoder")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in cfg:
+            raise ValueError(f"{file}: missing field {key!r}; is this a LLaMA config.json?")
+    return ModelArgs(**{ours: cfg[hf] for ours, hf in HF_CONFIG_KEYS.items() if cfg.get(hf) is not None})
+
+
+def hf_config(args):
+    """The config.json dict that `read_model_args` (and transformers' LlamaConfig) reads back."""
+    cfg = {hf: getattr(args, ours) for ours, hf in HF_CONFIG_KEYS.items()}
+    return dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
+
+
+# -----------------------------------------------------------------------------
+# 2. Loading HF checkpoints
+#
+# The model is built on the meta device (shapes, no memory), then each tensor is read from disk, cast, and
+# assigned in place of its meta placeholder. Peak memory is the model plus one tensor, not twice the model.
+
+CHECKPOINT_LAYOUTS = (  # (index file listing the shards, single-file name), in order of preference
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def checkpoint_files(path):
+    """The weight files of a HF checkpoint directory, checked to exist."""
+    for index_name, single_name in CHECKPOINT_LAYOUTS:
+        if (path / index_name).is_file():
+            shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            for shard in shards:
+                if not (path / shard).is_file():
+                    raise FileNotFoundError(f"{path / shard}: shard listed in {index_name} is missing; download it")
+            return [path / shard for shard in shards]
+        if (path / single_name).is_file():
+            return [path / single_name]
+    raise FileNotFoundError(f"{path}: no model.safetensors, sharded safetensors or pytorch_model*.bin found")
+
+
+def read_tensors(file, device):
+    """{key: tensor} of one weight file, on `device`. Never unpickles code: safetensors, or weights_only torch.load."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                return {key: f.get_tensor(key) for key in f.keys()}
+        return torch.load(file, map_location=device, weights_only=True, mmap=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise ValueError(f"{file}: cannot be read ({str(e).splitlines()[0]}); it is truncated or corrupt, "
+                         "download it again") from None
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """Build a Llama from a HF LLaMA directory (config.json + weights), in eval mode.
+
+    Every key is checked: a missing, unexpected or mis-shaped tensor is an error naming it. HF's cached
+    `rotary_emb.inv_freq` buffers are ignored (we compute RoPE per forward), and so is a stored lm_head.weight
+    when the config ties it to the embedding.
+    """
+    path = Path(path)
+    args = read_model_args(path)
+    with torch.device("meta"):
+        model = Llama(args)
+    expected = model.state_dict()  # key -> meta tensor: names and shapes only
+    for file in checkpoint_files(path):
+        tensors = read_tensors(file, device)
+        for key in list(tensors):
+            if key.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and key == "lm_head.weight"):
+                del tensors[key]
+            elif key not in expected:
+                raise ValueError(f"{file}: unexpected key {key}; is this a LLaMA checkpoint matching config.json?")
+            elif tensors[key].shape != expected[key].shape:
+                raise ValueError(f"{file}: {key} has shape {tuple(tensors[key].shape)} but config.json implies "
+                                 f"{tuple(expected[key].shape)}; the config and the weights disagree")
+            else:
+                tensors[key] = tensors[key].to(dtype)
+        model.load_state_dict(tensors, strict=False, assign=True)
+        del tensors  # this file's tensors now live in the model only
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the tied Parameter
+    missing = [key for key, t in model.state_dict().items() if t.is_meta]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {missing[0]} ({len(missing)} keys missing); "
+                         "is it complete and does it match config.json?")
+    model.name_or_path = str(path)
+    return model.eval()
+
+
+def save_model(model, out_dir):
+    """Write a HF LLaMA directory that `load_model` and transformers read: config.json + model.safetensors."""
+    out_dir = Path(out_dir)
+    tied = {"lm_head.weight"} if model.args.tie_word_embeddings else set()  # HF stores a tied matrix once
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(out_dir / "config.json", json.dumps(hf_config(model.args), indent=2))
+
+
+# -----------------------------------------------------------------------------
+# 3. Adapter I/O in peft's format
+#
+# adapter_config.json holds r, lora_alpha, lora_dropout and target_modules; adapter_model.safetensors (or the
+# legacy adapter_model.bin of alpaca-lora) holds `base_model.model.<our key>` tensors.
+
+PEFT_PREFIX = "base_model.model."
+# Config fields of peft variants we do not implement, and the values that mean "plain LoRA".
+PLAIN_LORA = dict(use_rslora=(None, False), use_dora=(None, False), fan_in_fan_out=(None, False),
+                  bias=(None, "none"), modules_to_save=(None, []), rank_pattern=(None, {}),
+                  alpha_pattern=(None, {}), layers_to_transform=(None,))
+
+
+def save_adapter(model, out_dir, base_model_name_or_path=None):
+    """Write the adapter as peft does: adapter_config.json + adapter_model.safetensors."""
+    out_dir = Path(out_dir)
+    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not loras:
+        raise ValueError("the model has no LoRA layers: call apply_lora or load_adapter first")
+    first = next(iter(loras.values()))
+    config = dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout.p,
+        target_modules=sorted({name.rsplit(".", 1)[-1] for name in loras}), bias="none", fan_in_fan_out=False,
+        use_rslora=False, inference_mode=True, modules_to_save=None,
+        base_model_name_or_path=base_model_name_or_path or model.name_or_path,
+    )
+    tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(out_dir / "adapter_model.safetensors",
+                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(out_dir / "adapter_config.json", json.dumps(config, indent=2))
+
+
+def read_adapter_config(adapter_dir):
+    """adapter_config.json, checked to describe plain LoRA. Legacy keys (enable_lora, merge_weights) are ignored."""
+    file = Path(adapter_dir) / "adapter_config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found; point at a peft LoRA adapter directory")
+    cfg = json.loads(file.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    for field, plain in PLAIN_LORA.items():
+        if cfg.get(field) not in plain:
+            raise ValueError(f"{file}: {field}={cfg[field]!r} is not supported; coin implements plain LoRA only")
+    return cfg
+
+
+def read_adapter_tensors(adapter_dir):
+    """{our key: tensor} from adapter_model.safetensors, or from a legacy adapter_model.bin."""
+    adapter_dir = Path(adapter_dir)
+    for file in (adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"):
+        if file.is_file():
+            return file, {k.removeprefix(PEFT_PREFIX): t for k, t in read_tensors(file, "cpu").items()}
+    raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def load_adapter(model, adapter_dir):
+    """Wrap `model` in LoRA as the adapter's config says, and load its weights. Returns the wrapped names.
+
+    r, lora_alpha, lora_dropout and target_modules come from adapter_config.json. Every tensor is validated
+    before the model is touched: a missing or unexpected key, or a wrong shape, is an error naming it.
+    """
+    cfg = read_adapter_config(adapter_dir)
+    file, tensors = read_adapter_tensors(adapter_dir)
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA layers: load the adapter into a fresh base model")
+    r, targets = cfg["r"], cfg["target_modules"]
+    expected = {}  # our key -> shape, from the base layers the adapter will wrap
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and is_lora_target(name, targets):
+            expected[f"{name}.lora_A.weight"] = (r, m.in_features)
+            expected[f"{name}.lora_B.weight"] = (m.out_features, r)
+    for key, t in sorted(tensors.items()):
+        if key not in expected:
+            raise ValueError(f"{file}: unexpected key {key}; the adapter was made for another model or targets")
+        rank = t.shape[0] if ".lora_A." in key else t.shape[-1]
+        if rank != r:
+            raise ValueError(f"{file}: {key} has rank {rank} but adapter_config.json says r={r}; they disagree")
+        if tuple(t.shape) != expected[key]:
+            raise ValueError(f"{file}: {key} has shape {tuple(t.shape)} but this model needs {expected[key]}; "
+                             "the adapter was trained on a base model of another size")
+    missing = sorted(expected.keys() - tensors.keys())
+    if missing:
+        raise ValueError(f"{file}: lacks {missing[0]} ({len(missing)} keys missing) for targets {targets}")
+    names = apply_lora(model, targets, r, cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
+    model.load_state_dict(tensors, strict=False)  # copies into the fp32 LoRA parameters
+    return names
+
+
+# -----------------------------------------------------------------------------
+# 4. Tokenizer
+#
+# We call sentencepiece directly, as Meta's reference code and the slow (legacy) HF LlamaTokenizer that
+# alpaca-lora used do. transformers 5's tokenizers-based LlamaTokenizer differs on repeated spaces; we match
+# sentencepiece. sentencepiece never parses control pieces out of text, so "</s>" typed in an instruction
+# stays four characters and can never end a sequence.
+
+class Tokenizer:
+    def __init__(self, path):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no sentencepiece tokenizer.model here")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # Pads are the unk id 0, as in alpaca-lora. Never eos: pads are masked out of the loss, and a model
+        # that never sees eos in its labels never learns to stop.
+        self.pad_id = self.sp.unk_id()
+
+    def encode(self, text, bos=True, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))  # control ids (bos, eos) decode to nothing
+
+
+def load_tokenizer(model_dir):
+    """The tokenizer.model of a model directory, checked against its config.json's vocab_size."""
+    model_dir = Path(model_dir)
+    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    vocab_size = read_model_args(model_dir).vocab_size
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"{model_dir / 'tokenizer.model'}: {tokenizer.vocab_size} pieces but config.json says "
+                         f"vocab_size={vocab_size}; use the tokenizer that came with this model")
+    return tokenizer
+

@@ -1,0 +1,119 @@
+"""memory.py: how much GPU memory one LoRA training step needs, predicted from the shapes alone.
+
+A support module: coin.py prints this estimate before its first step, and `python memory.py` prints it for any
+config, so a user knows before renting a GPU whether a micro-batch fits. Read it after coin.py.
+
+    python memory.py                               # LLaMA-7B, 8 rows of 256 tokens, a 24 GB GPU
+    python memory.py --config llama-7b-hf --rows 32 --budget-gib 24
+
+The model: bf16 weights under CUDA bf16 autocast, fp32 LoRA weights and AdamW state, and the activations
+autograd saves, which tests/test_memory.py checks byte for byte against a real backward at LLaMA-7B width.
+
+What one decoder layer saves for backward, in bytes per token (a = activation bytes, 2 in bf16):
+  2 RMSNorms        2 * (4*D + 4)       their fp32 input and 1/rms
+  attention         4*a*H*Hd + 4*H      q, k, v (repeated to H heads), output; fp32 logsumexp
+                    + 4*a*Hd            cos/sin cast for q and for k
+  MLP               3*a*I               gate, up and silu(gate)
+  each LoRA target  d_in*(m + l) + l*r  dropout mask (m bytes), A's input (l bytes), B's input
+The frozen base matmuls save nothing: no weight gradient is needed. Under CUDA autocast l = 2 and m = 1
+(a bool mask), and each layer also keeps autocast's bf16 copies of A and B; on CPU without autocast l = m = 4.
+Layer 0 saves less: its input needs no gradient, so its first RMSNorm, the q/k/v dropout masks and q/k/v's
+copies of A are not kept. With checkpointing a layer keeps only its input (a*D), and backward recomputes
+one layer at a time. Logits cost (a + 4 + 4)*V per supervised token:
+lm_head's output, its fp32 copy and the fp32 log-softmax.
+"""
+import argparse
+
+from hf_io import read_model_args
+from model import LORA_TARGETS, ModelArgs
+
+GPU_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS workspace, allocator slack: outside what PyTorch counts
+
+
+def count_parameters(args):
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    layer = attn + 3 * args.dim * args.intermediate_size + 2 * args.dim
+    return args.n_layers * layer + (1 if args.tie_word_embeddings else 2) * args.vocab_size * args.dim + args.dim
+
+
+def lora_shapes(args, targets=LORA_TARGETS):
+    """(in_features, out_features) of each LoRA-wrapped projection of one layer."""
+    D, I, q, kv = args.dim, args.intermediate_size, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = dict(q_proj=(D, q), k_proj=(D, kv), v_proj=(D, kv), o_proj=(q, D), gate_proj=(D, I), up_proj=(D, I),
+                  down_proj=(I, D))
+    return {t: shapes[t] for t in targets}
+
+
+def saved_activation_bytes(args, tokens, grad_checkpointing=True, targets=LORA_TARGETS, r=16, act_bytes=2,
+                           autocast=True, mask_bytes=1, layers=None):
+    """Bytes that hidden_states() keeps for backward over `tokens` (= B*T) tokens: the table above."""
+    a, L, norm = act_bytes, args.n_layers if layers is None else layers, 4 * args.dim + 4
+    if grad_checkpointing:  # layer inputs, the fp32 cos/sin the checkpoints share, the final norm
+        return tokens * (L * a * args.dim + 2 * 4 * args.head_dim + norm)
+    shapes = lora_shapes(args, targets)
+    l = a if autocast else 4  # A's input: autocast's low-precision copy, or our explicit fp32 cast
+    lora = sum(d_in * (mask_bytes + l) + l * r for d_in, _ in shapes.values())
+    layer = (2 * norm + 4 * a * args.n_heads * args.head_dim + 4 * args.n_heads + 4 * a * args.head_dim
+             + 3 * a * args.intermediate_size + lora)
+    qkv_in = sum(shapes[t][0] for t in ("q_proj", "k_proj", "v_proj") if t in shapes)
+    weight_copies = a * r * (L * sum(d_in + d_out for d_in, d_out in shapes.values()) - qkv_in) if autocast else 0
+    return tokens * (L * layer - (norm + mask_bytes * qkv_in) + norm) + weight_copies
+
+
+def estimate_training_memory(args, rows, seq_len, supervised_per_row=None, grad_checkpointing=True,
+                             targets=LORA_TARGETS, r=16, weight_bytes=2):
+    """Predicted peak bytes of one LoRA training step on CUDA with bf16 autocast, by component.
+
+    rows sequences of seq_len tokens (CoIN's micro-batch of B examples is 2B rows); supervised_per_row:
+    the tokens per row that get logits (default: all of them).
+    """
+    tokens = rows * seq_len
+    activations = saved_activation_bytes(args, tokens, grad_checkpointing, targets, r, weight_bytes)
+    if grad_checkpointing:  # the one layer being recomputed (a later layer: layer 0 keeps less)
+        activations += (saved_activation_bytes(args, tokens, False, targets, r, weight_bytes, layers=2)
+                        - saved_activation_bytes(args, tokens, False, targets, r, weight_bytes, layers=1))
+    n_lora = args.n_layers * r * sum(d_in + d_out for d_in, d_out in lora_shapes(args, targets).values())
+    supervised = rows * (seq_len if supervised_per_row is None else supervised_per_row)
+    return dict(weights=count_parameters(args) * weight_bytes,
+                lora_params_grads_adamw=n_lora * 4 * 4,  # fp32 parameter, gradient, exp_avg, exp_avg_sq
+                activations=activations,
+                logits=supervised * args.vocab_size * (weight_bytes + 4 + 4))
+
+
+def largest_micro_batch(args, seq_len, budget_gib=24.0, **kwargs):
+    """The most rows per micro-batch whose predicted peak fits in a GPU of budget_gib (0 if none)."""
+    budget, rows = (budget_gib - GPU_OVERHEAD_GIB) * 2**30, 0
+    while sum(estimate_training_memory(args, rows + 1, seq_len, **kwargs).values()) <= budget:
+        rows += 1
+    return rows
+
+
+def print_memory_estimate(args, rows=8, seq_len=256, supervised=None, budget_gib=24.0):
+    print(f"{count_parameters(args) / 1e9:.2f}B parameters, LoRA r=16 on {', '.join(LORA_TARGETS)}")
+    for checkpointing in (True, False):
+        parts = estimate_training_memory(args, rows, seq_len, supervised, checkpointing)
+        print(f"gradient checkpointing {'on' if checkpointing else 'off'}, {rows} rows x {seq_len} tokens:")
+        for name, n in dict(parts, predicted_peak=sum(parts.values())).items():
+            print(f"  {name:<26}{n / 2**30:8.2f} GiB")
+        best = largest_micro_batch(args, seq_len, budget_gib, supervised_per_row=supervised,
+                                   grad_checkpointing=checkpointing)
+        print(f"  largest micro-batch in {budget_gib:g} GiB: {best} rows = {best // 2} CoIN examples")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Predicted peak memory of LoRA training (bf16, CUDA)")
+    parser.add_argument("--config", help="HF config.json or model directory (default: LLaMA-7B)")
+    parser.add_argument("--rows", type=int, default=8, help="sequences per micro-batch; CoIN uses 2 per example")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (CoIN's cutoff)")
+    parser.add_argument("--supervised", type=int, help="tokens per row that get logits (default: all)")
+    parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory to fit into")
+    opts = parser.parse_args(argv)
+    try:
+        model_args = read_model_args(opts.config) if opts.config else ModelArgs()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print_memory_estimate(model_args, opts.rows, opts.seq_len, opts.supervised, opts.budget_gib)
+
+
+if __name__ == "__main__":
+    main()

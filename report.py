@@ -1,0 +1,176 @@
+"""report.py: evaluate.py's results as the paper shows them: tables, a comparison of two runs, hidden states.
+
+A support module, read after evaluate.py. evaluate.py computes results.json; this file only presents it.
+
+    render_tables    table.md: Table 2 (groups x tasks, mean ± std over prompts), Table 1 (categories),
+                     consistency and invalid answers
+    compare_tables   B - A for every task x group two results dirs share
+    hidden_report    paper §5.1, Fig. 4: how close each perturbed group's last-token hidden states stay to clean
+                     ones, and a 2-D PCA of them (hidden_pca.png when matplotlib is installed)
+
+    python report.py out/results                    # print a results dir's tables
+    python report.py runs/alpaca out/results        # print out/results - runs/alpaca
+
+Shape legend: N examples, Q prompts of a group, D model dim, B rows of a batch, T tokens.
+"""
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from files import write_atomically
+from glue import TASKS
+from model import pool_last_token
+
+# -----------------------------------------------------------------------------
+# 1. Tables
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def group_rows(results, cell, average=None):
+    """A row per group: its name, a cell per task ("-" where not evaluated), then `average(group)` if given."""
+    summary, rows = results["summary"], []
+    tasks = [t for t in TASKS if t in summary]
+    for g in results["averages"]["by_group"]:
+        row = [g] + [cell(t, g) if g in summary[t] else "-" for t in tasks]
+        rows.append(row + [average(g)] if average else row)
+    return rows
+
+
+def render_tables(results):
+    """table.md: Table 2 (groups x tasks, mean ± std), Table 1 (categories), consistency and invalid rate."""
+    summary, by_category = results["summary"], results["averages"]["by_category"]
+    tasks, groups = [t for t in TASKS if t in summary], list(results["averages"]["by_group"])
+    cats = list(dict.fromkeys(c for g in groups for c in by_category[g]))
+
+    def row_average(g):  # the mean of the row's task means ± the mean of their stds
+        stats = [summary[t][g] for t in tasks if g in summary[t]]
+        return f"{mean(s['mean'] for s in stats):.1f} ± {mean(s['std'] for s in stats):.1f}"
+    table2 = group_rows(results, lambda t, g: f"{summary[t][g]['mean']:.1f} ± {summary[t][g]['std']:.1f}",
+                        row_average)
+    table1 = [[g] + [f"{by_category[g][c]:.1f}" if c in by_category[g] else "-" for c in cats] for g in groups]
+    consistency = group_rows(results, lambda t, g: f"{results['consistency'][t][g]:.1f}")
+    invalid = group_rows(results, lambda t, g: f"{summary[t][g]['invalid_rate']:.1f}")
+    return "\n".join([
+        f"# Results ({results['protocol']['mode']}): accuracy in %, mean ± population std over a group's prompts",
+        "", "## Table 2: groups x tasks", "", markdown_table(["group", *tasks, "Average"], table2),
+        "Average: the mean of the row's task means ± the mean of their stds.", "",
+        "## Table 1: task categories", "", markdown_table(["group", *cats], table1),
+        "## Consistency: % of examples predicted the same under every instruction of the group", "",
+        markdown_table(["group", *tasks], consistency),
+        "## Invalid answers (%)", "", markdown_table(["group", *tasks], invalid)])
+
+
+def read_results(results_dir):
+    path = Path(results_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; pass a results dir written by evaluate.py")
+    return json.loads(path.read_text())
+
+
+def compare_tables(dir_a, dir_b):
+    """Markdown: B - A for every task x group both results dirs hold, and each group's average."""
+    a, b = read_results(dir_a)["summary"], read_results(dir_b)["summary"]
+    tasks = [t for t in TASKS if t in a and t in b]
+    groups = list(dict.fromkeys(g for t in tasks for g in a[t] if g in b[t]))
+    if not groups:
+        raise ValueError(f"{dir_a} and {dir_b} share no task x group")
+    rows = []
+    for g in groups:
+        delta = {t: b[t][g]["mean"] - a[t][g]["mean"] for t in tasks if g in a[t] and g in b[t]}
+        rows.append([g] + [f"{delta[t]:+.1f}" if t in delta else "-" for t in tasks]
+                    + [f"{mean(delta.values()):+.1f}"])
+    return f"Δ accuracy (points), B - A: A = {dir_a}, B = {dir_b}\n\n" + markdown_table(
+        ["group", *tasks, "Average"], rows)
+
+
+# -----------------------------------------------------------------------------
+# 2. Hidden-state report (paper §5.1, Fig. 4)
+
+@torch.no_grad()
+def last_token_states(model, tokenizer, texts, batch_size):
+    """(N, D) fp32: the final-norm hidden state at each text's last token, the one that predicts the answer."""
+    states, device = [], model.lm_head.weight.device
+    for start in range(0, len(texts), batch_size):
+        ids = [tokenizer.encode(t, bos=True) for t in texts[start:start + batch_size]]
+        width = max(map(len, ids))
+        padded = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in ids], device=device)  # (B, T)
+        hidden = model.hidden_states(padded)  # (B, T, D); right padding needs no mask
+        last = torch.tensor([len(x) - 1 for x in ids], device=device)  # (B,)
+        states.append(pool_last_token(hidden, last).float().cpu())
+    return torch.cat(states)
+
+
+def pca_2d(states):
+    """{group: [[x, y], ...]} on the two leading principal axes of all groups' states, and their variance shares."""
+    flat = torch.cat([s.flatten(0, 1) for s in states.values()]).double().numpy()  # (sum of Q*N, D)
+    centred = flat - flat.mean(0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T  # (sum of Q*N, 2)
+    ends = np.cumsum([s.shape[0] * s.shape[1] for s in states.values()])[:-1]
+    pca = {g: part.round(4).tolist() for g, part in zip(states, np.split(xy, ends))}
+    return pca, (sv[:2] ** 2 / (sv ** 2).sum()).tolist()
+
+
+def save_scatter(pca, title, path):
+    """hidden_pca.png, or None without matplotlib (an optional dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for g, points in pca.items():
+        ax.scatter(*np.array(points).T, s=6, alpha=0.6, label=g)
+    ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    ax.legend()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    plt.close(fig)
+    return path
+
+
+def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir):
+    """Each perturbed group's mean cosine similarity to clean, paired by (prompt, example), and a 2-D PCA.
+
+    texts: {group: the model inputs, prompt-major: Q prompts x n_examples}; "clean" must be among them.
+    Returns (the report written to hidden_report.json, the PNG path or None).
+    """
+    states = {}  # group -> (Q, N, D)
+    for g, group_texts in texts.items():
+        states[g] = last_token_states(model, tokenizer, group_texts, batch_size).view(-1, n_examples, model.args.dim)
+    clean = states["clean"]
+    cosine = {g: F.cosine_similarity(s[:len(clean)], clean[:len(s)], dim=-1).mean().item()  # (Q, N) -> mean
+              for g, s in states.items() if g != "clean"}  # prompts beyond the shorter group have no partner
+    pca, explained = pca_2d(states)
+    report = dict(task=task, examples=n_examples, state="final norm, last input token", cosine_to_clean=cosine,
+                  pca_explained_variance=explained, pca=pca)
+    write_atomically(out_dir / "hidden_report.json", json.dumps(report))
+    return report, save_scatter(pca, f"{task}: last-token hidden states", out_dir / "hidden_pca.png")
+
+
+# -----------------------------------------------------------------------------
+# 3. Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print evaluate.py's tables, or compare two results dirs.")
+    parser.add_argument("dirs", nargs="+", metavar="RESULTS_DIR", help="one dir: its tables; two (A B): B - A")
+    opts = parser.parse_args(argv)
+    if len(opts.dirs) > 2:
+        parser.error("give one results dir, or two to compare")
+    try:
+        print(render_tables(read_results(opts.dirs[0])) if len(opts.dirs) == 1 else compare_tables(*opts.dirs))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""tiny_base.py: the base model of the CPU quickstart: a tiny random LLaMA and a tokenizer trained on the data.
+
+A support module: `python coin.py --tiny` calls it when no --base is given, so the whole pipeline runs on a laptop
+with no download. It writes a HF directory (config.json, model.safetensors, tokenizer.model) that the rest of
+coin loads like any downloaded model. Read it after coin.py.
+
+A random model learns little in a few minutes, so with this base the pipeline runs but the scores mean nothing.
+"""
+import io
+import os
+import shutil
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from hf_io import read_model_args, save_model
+from model import Llama
+
+TINY_CONFIG = Path(__file__).resolve().parent / "examples" / "tiny" / "config.json"  # 4 layers, vocab 2000
+
+
+def train_tokenizer(texts, vocab_size):
+    """The bytes of a sentencepiece BPE model trained on `texts`, with LLaMA's settings and special ids."""
+    model_bytes = io.BytesIO()
+    spm.SentencePieceTrainer.train(  # byte fallback, digits split, no normalising: as LLaMA's tokenizer
+        sentence_iterator=iter(texts), model_writer=model_bytes, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    return model_bytes.getvalue()
+
+
+def build_tiny_base(out_dir, examples, seed):
+    """Write the tiny base to out_dir (replacing what is there) and return out_dir. Deterministic per seed."""
+    args = read_model_args(TINY_CONFIG)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    texts = [text for e in examples for text in (e.original, e.paraphrase, e.target)]
+    torch.manual_seed(seed)
+    model = Llama(args)
+    with torch.no_grad():  # HF's LLaMA init: N(0, 0.02) matrices, unit norms
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    save_model(model, tmp)
+    (tmp / "tokenizer.model").write_bytes(train_tokenizer(texts, args.vocab_size))
+    shutil.rmtree(out_dir, ignore_errors=True)  # a base left by a run that died before its first checkpoint
+    os.rename(tmp, out_dir)
+    return out_dir
