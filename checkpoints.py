@@ -9,8 +9,9 @@ A support module, read after coin.py's training loop. --out holds:
     config.json           the run's settings (coin.py writes it); --resume reads them back
     adapter_*             the finished run's adapter, for evaluate.py and peft
 
-Ctrl-C asks the loop to save and stop after the current step (`StopOnCtrlC`); `--resume` restores the weights,
-the optimizer and the RNG and skips the steps done, so the resumed run equals an uninterrupted one bit for bit.
+Ctrl-C asks the loop to save and stop after the current step (`StopOnCtrlC`); `--resume` restores the
+weights, the optimizer and the RNG and skips the steps done, so the resumed run equals an uninterrupted
+one bit for bit.
 """
 import json
 import shutil
@@ -46,7 +47,8 @@ def save_checkpoint(out, model, optimizer, cfg, step, skipped):
 
 
 def restore_checkpoint(checkpoint, model, optimizer):
-    """Load a checkpoint's LoRA weights, optimizer and RNG state into the freshly built run; returns the state."""
+    """Load a checkpoint's LoRA weights, optimizer and RNG state into the freshly built run;
+    returns the state."""
     _, tensors = read_adapter_tensors(checkpoint)
     unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
     if unexpected:
@@ -60,12 +62,13 @@ def restore_checkpoint(checkpoint, model, optimizer):
 
 
 def find_run(out, resume, overwrite):
-    """The checkpoint to resume from (or None); refuses to touch a run in `out` unless --resume or --overwrite."""
+    """The checkpoint to resume from (or None);
+    refuses to touch a run in `out` unless --resume or --overwrite."""
     checkpoints = sorted(out.glob("checkpoint-*"))
     finished = (out / "adapter_model.safetensors").exists()
     if (checkpoints or finished) and not (resume or overwrite):
-        raise ValueError(f"{out} already holds a {'finished' if finished else 'started'} run; pass --resume to "
-                         "continue it or --overwrite to start over")
+        raise ValueError(f"{out} already holds a {'finished' if finished else 'started'} run; "
+                         "pass --resume to continue it or --overwrite to start over")
     if resume and not checkpoints:
         print(f"{out}: no checkpoint to resume from; starting at step 0")
     return checkpoints[-1] if resume and checkpoints and not overwrite else None

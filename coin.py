@@ -1,4 +1,4 @@
-"""coin.py: Contrastive Instruction Tuning (CoIN, Yan et al., ACL Findings 2024): the loss and the training loop.
+"""coin.py: Contrastive Instruction Tuning (CoIN, Yan et al., ACL Findings 2024): the loss, the training loop.
 
 CoIN in ten lines. Every training example comes in two views: the original instruction and a paraphrase of it
 (same input, same answer). One forward runs both views, stacked as 2B rows (data.py):
@@ -13,12 +13,13 @@ The paper's Eq. 3 writes max; its own text ("lambda is the upper bound") and the
 
 Runs:
     python coin.py --data examples/flan_coin_demo.jsonl --tiny --out out/ --epochs 5 --lr 1e-3   # CPU demo
-    python coin.py --data flan_coin.jsonl --base llama-7b-hf --adapter alpaca-lora-7b --out out/      # the paper
+    python coin.py --data flan_coin.jsonl --base llama-7b-hf --adapter alpaca-lora-7b --out out/  # the paper
 
-Memory of the paper's run on one 24 GB GPU (`python memory.py --rows 32` prints it; micro-batch 16 examples = 32
-rows of 256 tokens, bf16 weights, gradient checkpointing): weights 12.55 GiB (6.74B x 2 bytes); LoRA r=16 on
-q,k,v,o: 16.8M fp32 parameters + gradients + AdamW moments = 0.25 GiB; activations 3.5 GiB (each layer keeps only
-its input, one layer is recomputed at a time); logits only for answer tokens, < 0.1 GiB. About 16.4 GiB in all.
+Memory of the paper's run on one 24 GB GPU (`python memory.py --rows 32` prints it; micro-batch 16 examples =
+32 rows of 256 tokens, bf16 weights, gradient checkpointing): weights 12.55 GiB (6.74B x 2 bytes); LoRA r=16
+on q,k,v,o: 16.8M fp32 parameters + gradients + AdamW moments = 0.25 GiB; activations 3.5 GiB (each layer
+keeps only its input, one layer is recomputed at a time); logits only for answer tokens, < 0.1 GiB. About
+16.4 GiB in all.
 
 Shape legend: B examples per micro-batch (2B rows), T tokens, D model dim, V vocab, K micro-batches per step.
 
@@ -54,7 +55,7 @@ class TrainConfig:
     # What to train
     data: str | None = opt(None, "flan_coin.jsonl training file (data.py)")
     base: str | None = opt(None, "HF LLaMA directory: config.json, weights, tokenizer.model")
-    tiny: bool = opt(False, "instead of --base: a tiny random LLaMA (examples/tiny) and a tokenizer trained on --data")
+    tiny: bool = opt(False, "instead of --base: a tiny random LLaMA and a tokenizer trained on --data")
     adapter: str | None = opt(None, "peft LoRA adapter to continue training (CoIN continues alpaca-lora)")
     merge_adapter: bool = opt(False, "merge --adapter into the base and train a fresh LoRA on top instead")
     out: str = opt("out", "output directory: adapter, checkpoints, config.json, metrics.jsonl")
@@ -74,20 +75,21 @@ class TrainConfig:
     lora_dropout: float = opt(0.05, "dropout on the LoRA input")
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj", "comma list of projections to adapt")
     # Contrastive loss (CoIN §3.2, §4.1)
-    contrastive: bool = opt(True, "add L_ctr; --no-contrastive trains the continual-instruction-tuning baseline")
+    contrastive: bool = opt(True, "add L_ctr; --no-contrastive trains the continual-tuning baseline")
     temperature: float = opt(0.05, "InfoNCE temperature (CoIN: 0.05)")
     lam: float = opt(1000.0, "upper bound of the contrastive weight w = min(lam, L_gen / L_ctr) (CoIN: 1000)")
     # Machinery
-    dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU, fp32 on a CPU; fp16 adds a "
-                            "GradScaler)", choices=("bf16", "fp16", "fp32"))
+    dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU, fp32 on a CPU; "
+                                  "fp16 adds a GradScaler)", choices=("bf16", "fp16", "fp32"))
     device: str | None = opt(None, "cuda | cpu (default: cuda when there is a GPU)")
-    grad_checkpointing: bool = opt(True, "recompute each layer in backward; --no-grad-checkpointing to disable")
+    grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of keeping activations")
     save_every: int = opt(100, "checkpoint every N optimizer steps (and at the end)")
     seed: int = opt(0, "seed of the LoRA init, dropout and data order")
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = opt(False, "delete the run in --out and start again")
 
 
+PROGRESS_KEYS = ("loss", "gen", "ctr", "weight", "lr", "tokens_per_s")  # shown on the progress bar
 RESUMABLE = {"max_steps", "epochs", "save_every", "device", "resume", "overwrite"}  # may change on --resume
 PATHS = ("data", "base", "adapter", "out")  # saved as absolute paths, so a run resumes from any directory
 
@@ -128,10 +130,10 @@ def coin_loss(h_orig, h_para, gen_loss, temperature, lam):
 
 
 def supervised_ce_sum(model, hidden, labels):
-    """Sum of next-token cross-entropy over the supervised tokens of these rows. hidden (R, T, D), labels (R, T).
+    """Sum of next-token cross-entropy over the supervised tokens of rows hidden (R, T, D), labels (R, T).
 
-    Logits are computed only where a label is supervised (typically a few answer tokens per row), never for all
-    2B x T x V positions: position t predicts label t + 1.
+    Logits are computed only where a label is supervised (typically a few answer tokens per row), never for
+    all 2B x T x V positions: position t predicts label t + 1.
     """
     targets = labels[:, 1:]                       # (R, T-1)
     supervised = targets != IGNORE_INDEX          # (R, T-1)
@@ -176,9 +178,9 @@ def learning_rate(step, total_steps, peak_lr, warmup_ratio):
 
 
 # -----------------------------------------------------------------------------
-# 3. Model and data. Precision: bf16 weights and autocast where supported, fp16 + GradScaler otherwise, fp32 when
-# asked. LoRA weights and AdamW state stay fp32 whatever the choice (model.py); RMSNorm, softmax and losses run
-# in fp32.
+# 3. Model and data. Precision: bf16 weights and autocast where supported, fp16 + GradScaler otherwise, fp32
+# when asked (config.resolve_precision). LoRA weights and AdamW state stay fp32 whatever the choice
+# (model.py); RMSNorm, softmax and the losses run in fp32.
 
 def build_model(cfg, device, dtype):
     """(model, tokenizer, lora): the base with a trainable LoRA, continued from --adapter or fresh (on a base
@@ -249,7 +251,7 @@ def check_flags(cfg):
     if not cfg.data:
         raise ValueError("--data is required: a flan_coin.jsonl file (see data.py)")
     if not cfg.base and not cfg.tiny or cfg.base and cfg.tiny and not cfg.resume:
-        raise ValueError("give either --base LLAMA_DIR (a HF LLaMA directory) or --tiny (the bundled tiny model)")
+        raise ValueError("give either --base LLAMA_DIR (a HF LLaMA directory) or --tiny (a tiny demo model)")
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
                          f"{cfg.micro_batch_size}")
@@ -276,8 +278,8 @@ def set_up(cfg):
     if cfg.overwrite:
         clear_run(out)
     dataset = ContrastiveDataset(examples, tokenizer, cfg.cutoff, cfg.eos)
-    print(f"{len(dataset)} examples in {len(dataset.groups)} groups; dropped {dataset.dropped} that do not fit "
-          f"--cutoff {cfg.cutoff} and {dataset.orphans} left without a group partner")
+    print(f"{len(dataset)} examples in {len(dataset.groups)} groups; dropped {dataset.dropped} that do not "
+          f"fit --cutoff {cfg.cutoff} and {dataset.orphans} left without a group partner")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=0.0)  # HF Trainer's defaults, as in alpaca-lora
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -291,15 +293,16 @@ def describe_setup(run):
     frozen = sum(p.numel() for p in params if not p.requires_grad)
     dtypes = sorted({(str(p.dtype), p.requires_grad) for p in params})
     rows = 2 * cfg.micro_batch_size
-    memory = estimate_training_memory(run.model.args, rows, cfg.cutoff, grad_checkpointing=cfg.grad_checkpointing,
-                                      targets=cfg.lora_targets.split(","), r=cfg.lora_r,
+    memory = estimate_training_memory(run.model.args, rows, cfg.cutoff, targets=cfg.lora_targets.split(","),
+                                      grad_checkpointing=cfg.grad_checkpointing, r=cfg.lora_r,
                                       weight_bytes=run.model.lm_head.weight.element_size())
+    gib = {name: n / 2**30 for name, n in memory.items()}
     return "\n".join([
         f"trainable parameters: {trainable:,} ({100 * trainable / (trainable + frozen):.2f}%) in LoRA "
         f"(r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {cfg.lora_targets}); frozen: {frozen:,}",
         "parameter dtypes: " + ", ".join(f"{d} ({'trainable' if t else 'frozen'})" for d, t in dtypes),
-        f"predicted peak memory on a GPU ({rows} rows x {cfg.cutoff} tokens): {sum(memory.values()) / 2**30:.2f} GiB "
-        "(" + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in memory.items()) + ")"])
+        f"predicted peak memory on a GPU ({rows} rows x {cfg.cutoff} tokens): {sum(gib.values()):.2f} GiB ("
+        + ", ".join(f"{name} {n:.2f}" for name, n in gib.items()) + ")"])
 
 
 def train_step(run, batches, lr):
@@ -312,8 +315,8 @@ def train_step(run, batches, lr):
     for batch in batches:
         with autocast(run.device, run.dtype):
             device_batch = {key: v.to(run.device) for key, v in batch.items() if torch.is_tensor(v)}
-            loss, parts = micro_batch_loss(run.model, device_batch, window_tokens, k, cfg.temperature, cfg.lam,
-                                           cfg.contrastive)
+            loss, parts = micro_batch_loss(run.model, device_batch, window_tokens, k, cfg.temperature,
+                                           cfg.lam, cfg.contrastive)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite loss (gen {parts['gen']}, ctr {parts['ctr']}) on examples "
                                      f"{', '.join(batch['ids'])}")
@@ -322,15 +325,16 @@ def train_step(run, batches, lr):
         for key, value in parts.items():
             record[key] += value / k
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], 1.0)
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
     scale = run.scaler.get_scale()
     run.scaler.step(run.optimizer)  # skipped by the scaler when fp16 gradients overflowed
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    tokens, seconds = sum(int(b["attention_mask"].sum()) for b in batches), time.perf_counter() - started
     return dict(**record, lr=lr, grad_norm=grad_norm.item(), examples=sum(len(b["ids"]) for b in batches),
                 negatives_per_anchor=sum(len(b["ids"]) - 1 for b in batches) / k,
-                supervised_tokens=sum(window_tokens), tokens_per_s=round(tokens / (time.perf_counter() - started)),
+                supervised_tokens=sum(window_tokens), tokens_per_s=round(tokens / seconds),
                 skipped=int(run.scaler.is_enabled() and run.scaler.get_scale() < scale))
 
 
@@ -353,14 +357,15 @@ def train(cfg):
             try:
                 record = train_step(run, batches, learning_rate(step, total_steps, cfg.lr, cfg.warmup_ratio))
             except FloatingPointError as e:
-                raise FloatingPointError(f"step {step + 1}: {e}; stopped, the last good checkpoint is kept in "
-                                         f"{out}") from None
+                raise FloatingPointError(f"step {step + 1}: {e}; stopped, the last good checkpoint is kept "
+                                         f"in {out}") from None
             step, skipped = step + 1, skipped + record.pop("skipped")
             metrics.write(json.dumps(dict(step=step, **record, skipped_steps=skipped)) + "\n")
             metrics.flush()
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "gen", "ctr", "weight", "lr", "tokens_per_s")})
+            bar.set_postfix({key: f"{record[key]:.4g}" for key in PROGRESS_KEYS})
             if step == 1 and run.device.startswith("cuda"):
-                bar.write(f"measured peak GPU memory after step 1: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                bar.write(f"measured peak GPU memory after step 1: {peak:.2f} GiB")
             if step % cfg.save_every == 0 or step == total_steps or stop:
                 save_checkpoint(out, model, run.optimizer, cfg, step, skipped)
             if stop:
@@ -370,8 +375,8 @@ def train(cfg):
         stop.restore()
         metrics.close()
     save_adapter(model, out, cfg.base)  # the finished run: out/ itself is a peft adapter directory
-    print(f"done: steps {total_steps}, {time.perf_counter() - started:.0f} s, skipped (fp16 overflow) {skipped}; "
-          f"the adapter is in {out}")
+    print(f"done: steps {total_steps}, {time.perf_counter() - started:.0f} s, skipped (fp16 overflow) "
+          f"{skipped}; the adapter is in {out}")
     return out
 
 

@@ -32,7 +32,8 @@ def opt(default, help, choices=None):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
-        """A bad flag is one line that names it ("argument --mode: invalid choice: ..."), not usage + error."""
+        """A bad flag is one line that names it ("argument --mode: invalid choice: ..."),
+        not usage + error."""
         raise SystemExit(f"error: {message} (see --help)")
 
 
@@ -69,8 +70,9 @@ def merge_saved(given, saved_file, may_change=(), paths=()):
         else:
             same = value == saved.get(key)
         if key not in may_change and not same:
-            raise ValueError(f"--{key.replace('_', '-')} {value} differs from {saved_file} ({saved.get(key)}); "
-                             "a resumed run keeps its config: drop the flag, or start over with --overwrite")
+            raise ValueError(f"--{key.replace('_', '-')} {value} differs from {saved_file} "
+                             f"({saved.get(key)}); a resumed run keeps its config: "
+                             "drop the flag, or start over with --overwrite")
     return {**saved, **given}
 
 

@@ -1,28 +1,30 @@
-r"""data.py: CoIN's contrastive instruction data: the flan_coin.jsonl record, exact label masks, and micro-batches
-that keep each example's hard negative beside it.
+r"""data.py: CoIN's contrastive instruction data: the flan_coin.jsonl record, exact label masks, and
+micro-batches that keep each example's hard negative beside it.
 
 Three things here fail silently when wrong, so each has one place and a test: which tokens are supervised (the
 labels), which rows are positives (the two views of one line), and which rows are hard negatives (the group).
 
 1. flan_coin.jsonl holds one example per line, six non-empty strings:
 
-    {"id": "rte-0-anchor", "task": "rte", "original": "...", "paraphrase": "...", "target": "yes", "group": "rte-0"}
+    {"id": "rte-0-anchor", "task": "rte", "original": "...", "paraphrase": "...", "target": "yes",
+     "group": "rte-0"}
 
-  original: instruction and input rendered with one FLAN template; paraphrase: the same input rendered with another
-  template of the task (same target); target: the answer; group: lines kept in one micro-batch, an anchor and its
-  hard negative(s) (CoIN §3.2: same task and original template, different input, different answer).
+  original: instruction and input rendered with one FLAN template; paraphrase: the same input rendered
+  with another template of the task (same target); target: the answer;
+  group: lines kept in one micro-batch, an anchor and its hard negative(s) (CoIN §3.2: same task and
+  original template, different input, different answer).
   `load_examples` reports each bad line as "path:line: reason" and refuses the file unless skip_bad.
   prepare_data.py builds such a file from FLAN templates, or imports the official CoIN CSV.
 
-2. input = BOS + ids(PROMPT_TEMPLATE with the instruction) + ids(target) + EOS. The label boundary is the length
-  of the prompt ids because the two id lists are concatenated. Re-tokenizing prompt + target instead would merge
-  "Answer: " + "yes" into "▁yes" and move the boundary by one token.
+2. input = BOS + ids(PROMPT_TEMPLATE with the instruction) + ids(target) + EOS. The label boundary is the
+  length of the prompt ids because the two id lists are concatenated. Re-tokenizing prompt + target instead
+  would merge "Answer: " + "yes" into "▁yes" and move the boundary by one token.
 
        input_ids   <s> Premise: ... OPTIONS:\n- yes\n- no\n\n### Response:\n  ▁yes  </s>  pad   pad
        labels      -100 ...................................................  ▁yes  </s>  -100  -100
 
-  Over the cutoff, a prompt loses its *middle*: FLAN puts task words at the start or the end and the options and
-  "### Response:" at the end, with long passages in between. Cutting the right (alpaca-lora) would cut the
+  Over the cutoff, a prompt loses its *middle*: FLAN puts task words at the start or the end and the options
+  and "### Response:" at the end, with long passages in between. Cutting the right (alpaca-lora) would cut the
   target; cutting the left would drop the instruction and make long examples' two views the same text. The
   target is never cut: an example whose target + EOS cannot fit is dropped and counted.
 
@@ -30,7 +32,8 @@ labels), which rows are positives (the two views of one line), and which rows ar
 
        rows [0:B]   originals     a1  n1  a2  n2      B = 4: groups {a1, n1} and {a2, n2}
        rows [B:2B]  paraphrases   a1' n1' a2' n2'     row i and row B+i: the two views of one example
-       -> input_ids, attention_mask, labels (2B, T), right-padded; last_index (2B,): each row's last real token
+       -> input_ids, attention_mask, labels (2B, T), right-padded;
+          last_index (2B,): each row's last real token
 
 Shape legend: B examples per micro-batch, T the longest row of the micro-batch.
 
@@ -48,7 +51,8 @@ from files import read_jsonl
 # -----------------------------------------------------------------------------
 # 1. The example record and flan_coin.jsonl
 
-IGNORE_INDEX = -100  # label of unsupervised positions; the default ignore_index of F.cross_entropy (and HF, CoIN)
+# label of unsupervised positions; the default ignore_index of F.cross_entropy (and HF, CoIN)
+IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "{instruction}\n\n### Response:\n"  # CoIN's training format (alpaca-style response marker)
 CUTOFF = 256  # max tokens per row, BOS and EOS included: alpaca-lora's cutoff_len default (finetune.py)
 MAX_REPORTED = 20  # bad lines listed in an error report
@@ -73,7 +77,8 @@ def _parse_record(record, error):
     if error:
         return None, f"not JSON ({error}); each line must be one JSON object"
     if not isinstance(record, dict):
-        return None, f"a JSON {type(record).__name__}, not an object; each line must be {{{', '.join(FIELDS)}}}"
+        return None, (f"a JSON {type(record).__name__}, not an object; "
+                      f"each line must be {{{', '.join(FIELDS)}}}")
     for name in FIELDS:
         if name not in record:
             return None, f"missing field '{name}'; every line needs {', '.join(FIELDS)}"
@@ -90,9 +95,9 @@ def _parse_record(record, error):
 def load_examples(path, skip_bad=False):
     """Read and validate flan_coin.jsonl. Returns (examples, problems): one "path:line: reason" per bad line.
 
-    A duplicate id keeps its first line; a group left with one line cannot be contrasted, so that line is bad too.
-    Any problem raises ValueError with a short report, unless skip_bad: then bad lines are dropped (and counted
-    by len(problems)). Blank lines are skipped.
+    A duplicate id keeps its first line; a group left with one line cannot be contrasted, so that line is bad
+    too. Any problem raises ValueError with a short report, unless skip_bad: then bad lines are dropped (and
+    counted by len(problems)). Blank lines are skipped.
     """
     good, problems, first_line = [], [], {}
     for lineno, record, error in read_jsonl(path):
@@ -105,12 +110,13 @@ def load_examples(path, skip_bad=False):
         first_line[example.id] = lineno
         good.append((lineno, example))
     sizes = Counter(example.group for _, example in good)
-    problems += [(lineno, f"group '{ex.group}' has only this line (its partners are missing or bad); a group needs "
-                  "at least 2 lines for contrastive training") for lineno, ex in good if sizes[ex.group] < 2]
+    problems += [(lineno, f"group '{ex.group}' has only this line (its partners are missing or bad); "
+                  "a group needs at least 2 lines for contrastive training")
+                 for lineno, ex in good if sizes[ex.group] < 2]
     problems = [f"{path}:{lineno}: {reason}" for lineno, reason in sorted(problems)]
     if problems and not skip_bad:
-        raise ValueError("\n".join([f"{path}: {len(problems)} bad lines (first {MAX_REPORTED} below); fix them or "
-                                    "pass --skip-bad"] + problems[:MAX_REPORTED]))
+        raise ValueError("\n".join([f"{path}: {len(problems)} bad lines (first {MAX_REPORTED} below); "
+                                    "fix them or pass --skip-bad"] + problems[:MAX_REPORTED]))
     examples = [example for _, example in good if sizes[example.group] >= 2]
     if not examples:
         raise ValueError(f"{path}: no usable examples")
@@ -122,8 +128,9 @@ def load_examples(path, skip_bad=False):
 
 
 def tokenize_view(tokenizer, prompt, target, cutoff=CUTOFF, eos=True):
-    """(input_ids, labels) lists for one prompt and target, or None when target (+ EOS) leaves no room for BOS and
-    one prompt token, or has no token at all. labels[t] is the token at t (HF convention; the loss shifts)."""
+    """(input_ids, labels) lists for one prompt and target, or None when target (+ EOS) leaves no room for BOS
+    and one prompt token, or has no token at all.
+    labels[t] is the token at t (HF convention; the loss shifts)."""
     prompt_ids = tokenizer.encode(prompt, bos=False)
     target_ids = tokenizer.encode(target, bos=False, eos=eos)
     room = cutoff - 1 - len(target_ids)  # prompt tokens that fit after BOS
@@ -138,7 +145,8 @@ def tokenize_view(tokenizer, prompt, target, cutoff=CUTOFF, eos=True):
 
 def tokenize_example(example, tokenizer, cutoff=CUTOFF, eos=True):
     """{"id", "original": (input_ids, labels), "paraphrase": (input_ids, labels)} as int32 tensors, or None if
-    the target does not fit. Each view is truncated on its own; they share the target, so both fit or neither."""
+    the target does not fit.
+    Each view is truncated on its own; they share the target, so both fit or neither."""
     views = [tokenize_view(tokenizer, PROMPT_TEMPLATE.format(instruction=text), example.target, cutoff, eos)
              for text in (example.original, example.paraphrase)]
     if views[0] is None:
@@ -180,14 +188,15 @@ class ContrastiveDataset:
 
 
 def micro_batches(groups, micro_batch_size, seed, epoch):
-    """Dataset indices per micro-batch for one epoch: the groups shuffled with a Random seeded by (seed, epoch),
-    then packed greedily in that order. A group is never split: when the next group does not fit, the current
-    micro-batch closes short and a new one starts, so micro-batches hold 2..micro_batch_size examples. Pure and
-    deterministic, so a resumed run recomputes the same list and skips to micro-batch k."""
+    """Dataset indices per micro-batch for one epoch: the groups shuffled with a Random seeded by
+    (seed, epoch), then packed greedily in that order. A group is never split: when the next group does not
+    fit, the current micro-batch closes short and a new one starts, so micro-batches hold 2..micro_batch_size
+    examples. Pure and deterministic, so a resumed run recomputes the same list and skips to micro-batch k."""
     largest = max(map(len, groups), default=0)
     if largest > micro_batch_size:
-        raise ValueError(f"a group has {largest} examples but the micro-batch size is {micro_batch_size}; raise "
-                         f"--micro-batch-size to at least {largest} so every group fits in one micro-batch")
+        raise ValueError(f"a group has {largest} examples but the micro-batch size is {micro_batch_size}; "
+                         f"raise --micro-batch-size to at least {largest} "
+                         "so every group fits in one micro-batch")
     order = list(range(len(groups)))
     random.Random(f"{seed}:{epoch}").shuffle(order)  # str seed: sha512, never Python's salted hash()
     batches, current = [], []

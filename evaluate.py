@@ -1,53 +1,29 @@
-"""evaluate.py: GLUE accuracy under clean and perturbed instructions, the robustness protocol of CoIN's Table 2.
-
-CoIN asks whether contrastive instruction tuning makes answers robust to how the instruction is worded. Like the
-paper, we measure it with PromptBench's protocol (Zhu et al., 2023):
+"""evaluate.py: GLUE accuracy under clean and perturbed instructions, PromptBench's protocol (CoIN's Table 2):
 
     cells    (task, group, prompt): 10 GLUE validation sets x the prompt file's groups (clean, deepwordbug,
-             textfooler, checklist, semantic) x their instructions (6 each), all on the same examples of a task
-    samples  min(300, size) examples per task, drawn once, saved to samples.json and reused
-    input    "{instruction} {content} ### Response:", glue.CONTENT laying out each task's fields
+             textfooler, checklist, semantic) x their instructions (6 each), all on the same examples per task
+    samples  min(300, size) examples per task, drawn once by an RNG seeded with "seed:task" (SHA-512 hashed:
+             the same in every process), saved to samples.json and reused; another seed or size is an error
+    input    "{instruction} {content} ### Response:", glue.CONTENT laying out a task's fields
              (--format train: data.PROMPT_TEMPLATE around "{instruction} {content}", what coin.py trains on)
-    answer   greedy decoding of at most 7 new tokens, stopping at eos; parse_label reads a label off its start
+    answer   greedy decoding of at most 7 new tokens, stopping at eos, batched by length into model.generate
+             (in fp32 the same tokens as one input at a time, tested; in bf16, padding can flip near-ties)
+    parsing  the answer, lowercased and stripped of surrounding punctuation, quotes and whitespace, predicts
+             the label word it starts with, longest first ("neutral, because" -> neutral); else it is invalid:
+             wrong, and reported as the invalid rate ("not entailment" too; PromptBench would read entailment)
     score    accuracy per cell; per task x group the mean and population std over prompts (Table 2), averaged
-             into categories (Table 1); consistency: the fraction of examples predicted the same under every
-             instruction of a group
+             into categories (Table 1); consistency: the fraction of examples predicted alike by all prompts
 
-Parsing. The answer is lowercased and stripped of surrounding punctuation, quotes and whitespace; the prediction
-is the label word it starts with, longest first ("neutral, because" -> neutral). Anything else is invalid: wrong,
-and reported as the invalid rate. We read strictly: "not entailment" and "not-entailment" are invalid.
-(PromptBench keeps the answer's last word, so it would read them as entailment.)
-
-Samples. A task's RNG is seeded by the string "seed:task" (random.Random hashes string seeds with SHA-512: the
-same draw in every process, unlike hash()), so the draw depends on (seed, task, dataset size) only, never on
-what else is evaluated. A run reuses its output dir's samples.json; a different seed or size there is an error.
-
-Speed. A cell's inputs are sorted by length and batched into model.generate, which runs the batch's common
-prefix (the cell's instruction) once, left-pads the rest, decodes greedily with a KV cache and computes the
-prefill's logits at the last position only. In fp32 this gives the same tokens as one input at a time (tested);
-in bf16, padding can flip near-ties.
-
-The output dir (default <ckpt>/results) gets samples.json, predictions.jsonl (one line per example: task,
-group, prompt_index, idx = the position in the task's validation set, mnli's matched part first, raw = the
-decoded answer, pred = a label or null, gold), results.json (the protocol; per cell, per task x group and averages,
-in percent) and table.md (Table 2, Table 1, consistency, invalid rate). All are rewritten atomically after each
-cell, so an interrupted run loses one cell at most, and --resume recomputes only the cells not complete.
-
-Other modes. --mode rank predicts the label whose tokens have the highest summed log-probability after the input,
-from one forward per batch (never invalid; reported as "mode": "rank", in <ckpt>/results_rank by default).
---hidden-report TASK (paper §5.1, Fig. 4) compares final-norm hidden states at the last input token: the mean
-cosine similarity of each perturbed group to clean, pairing prompt p with clean prompt p (perturb.py perturbs
-clean prompt p into prompt p) and example i with example i, plus a 2-D PCA (report.py draws and compares).
+Outputs, in --out (default <ckpt>/results): samples.json, predictions.jsonl (a line per example), results.json
+(percent) and table.md, rewritten atomically after each cell; --resume recomputes only the cells not complete.
+--mode rank picks the label of highest log-likelihood; --hidden-report TASK compares hidden states to clean's.
 
     python evaluate.py --ckpt out/ --glue-dir examples/glue_demo
     python evaluate.py --base llama-7b-hf --adapter alpaca-lora-7b --glue-dir glue_data --out runs/alpaca
     python report.py runs/alpaca out/results        # the difference of two results dirs
 
-Tasks, label words and the validation files' layouts are data: glue.py. Tables and plots: report.py.
-
-Shape legend: B rows of a batch, T tokens, K labels, R = B*K rows, M label tokens.
-
-Next: read the tests; tests/test_evaluate.py pins this protocol down.
+Data: glue.py. Tables and plots: report.py. Shape legend: B rows of a batch, T tokens, K labels, R = B*K rows,
+M label tokens. Next: read the tests; tests/test_evaluate.py pins this protocol down.
 """
 import json
 import random
@@ -82,18 +58,21 @@ STRIP = string.punctuation + string.whitespace + "‘’“”"  # stripped off 
 class EvalConfig:
     # What to evaluate
     ckpt: str = opt("", "coin.py output dir: a peft adapter + config.json whose 'base' names the base model")
-    base: str = opt("", "HF LLaMA dir: overrides the checkpoint's base, or is evaluated alone / with --adapter")
+    base: str = opt("", "HF LLaMA dir: overrides the checkpoint's base, "
+                    "or is evaluated alone / with --adapter")
     adapter: str = opt("", "peft LoRA dir to put on --base (e.g. alpaca-lora-7b, the Alpaca baseline)")
     # Protocol (PromptBench, as CoIN §4.3 uses it)
     glue_dir: str = opt("", "GLUE download-script layout or <task>.jsonl files; empty: HF `datasets`")
-    prompts: str = opt(str(DEFAULT_PROMPTS), "prompt file {group: {task: [instructions]}} (perturb.py's format)")
+    prompts: str = opt(str(DEFAULT_PROMPTS),
+                       "prompt file {group: {task: [instructions]}} (perturb.py's format)")
     tasks: str = opt("all", "comma list of tasks")
     groups: str = opt("all", "comma list of the prompt file's groups")
     samples: int = opt(300, "examples per task: min(N, size) (PromptBench, CoIN: 300)")
     seed: int = opt(0, "seed of each task's sample draw")
     format: str = opt("paper", "paper: '{instruction} {content} ### Response:'; train: coin.py's format",
                       choices=("paper", "train"))
-    max_new_tokens: int = opt(7, "greedy tokens per answer (the protocol: 7; not_entailment is 5 LLaMA tokens)")
+    max_new_tokens: int = opt(7, "greedy tokens per answer "
+                              "(the protocol: 7; not_entailment is 5 LLaMA tokens)")
     mode: str = opt("generate", "generate (the paper's protocol) or rank (label log-likelihood)",
                     choices=("generate", "rank"))
     # Outputs and the hidden-state report
@@ -118,12 +97,13 @@ def load_or_draw_samples(path, sizes, n, seed):
     """{task: indices}: those saved in `path`, new draws for the other tasks; saved back."""
     saved = json.loads(path.read_text()) if path.is_file() else {"seed": seed, "samples": n, "tasks": {}}
     if (saved["seed"], saved["samples"]) != (seed, n):
-        raise ValueError(f"{path}: drawn with --seed {saved['seed']} --samples {saved['samples']}; pass those, "
-                         "or use another --out")
+        raise ValueError(f"{path}: drawn with --seed {saved['seed']} --samples {saved['samples']}; "
+                         "pass those, or use another --out")
     for task, size in sizes.items():
         entry = saved["tasks"].setdefault(task, {"size": size, "indices": draw_indices(task, size, n, seed)})
         if entry["size"] != size:
-            raise ValueError(f"{path}: {task} had {entry['size']} examples when drawn, now {size}; use another --out")
+            raise ValueError(f"{path}: {task} had {entry['size']} examples when drawn, now {size}; "
+                             "use another --out")
     write_atomically(path, json.dumps(saved))
     return {task: saved["tasks"][task]["indices"] for task in sizes}
 
@@ -141,8 +121,8 @@ def load_prompt_set(path):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
     if not (isinstance(data, dict) and data and all(isinstance(tasks, dict) and all(
-            isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v) for v in tasks.values())
-            for tasks in data.values())):
+            isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v)
+            for v in tasks.values()) for tasks in data.values())):
         raise ValueError(f"{path}: expected {{group: {{task: [instruction, ...]}}}}, perturb.py's format")
     return data
 
@@ -172,8 +152,8 @@ def parse_label(text, labels):
 
 
 def generate_batched(model, prompts, batch_size, max_new_tokens, eos_id, pad_id, on_batch=None):
-    """Greedy new ids of each prompt (a list of ids), in input order; prompts of similar length share a batch."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: an OOM shows at once
+    """Greedy new ids of each prompt (ids), in input order; prompts of similar length share a batch."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOMs show at once
     out = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
@@ -187,15 +167,16 @@ def generate_batched(model, prompts, batch_size, max_new_tokens, eos_id, pad_id,
 
 @torch.no_grad()
 def rank_scores(model, prompts, continuations, pad_id):
-    """(B, K) log-likelihood of each continuation (ids) after each prompt (ids), from one forward of R = B*K rows.
+    """(B, K) log-likelihood of each continuation (ids) after each prompt (ids).
 
-    Token j of a continuation is predicted at position len(prompt) - 1 + j; only those M positions go through
-    lm_head. The rows are right-padded: every pad follows every real token, so causal attention alone is exact
-    and no mask is needed (model.Llama's docstring).
+    One forward of R = B*K rows. Token j of a continuation is predicted at position len(prompt) - 1 + j; only
+    those M positions go through lm_head. The rows are right-padded: every pad follows every real token, so
+    causal attention alone is exact and no mask is needed (model.Llama's docstring).
     """
     pairs = [(p, c) for p in prompts for c in continuations]  # row b*K + k: prompt b, then label k
     width, device = max(len(p) + len(c) for p, c in pairs), model.lm_head.weight.device
-    ids = torch.tensor([p + c + [pad_id] * (width - len(p) - len(c)) for p, c in pairs], device=device)  # (R, T)
+    padded = [p + c + [pad_id] * (width - len(p) - len(c)) for p, c in pairs]
+    ids = torch.tensor(padded, device=device)  # (R, T)
     where = [(r, len(p) - 1 + j, tok) for r, (p, c) in enumerate(pairs) for j, tok in enumerate(c)]
     row, pos, target = (torch.tensor(x, device=device) for x in zip(*where))  # (M,) each
     hidden = model.hidden_states(ids)[row, pos]  # (R, T, D) -> (M, D)
@@ -211,8 +192,8 @@ def predict(model, tokenizer, texts, labels, cfg, on_batch=None):
         new = generate_batched(model, prompts, cfg.batch_size, cfg.max_new_tokens, tokenizer.eos_id,
                                tokenizer.pad_id, on_batch)
         return [(raw, parse_label(raw, labels)) for raw in map(tokenizer.decode, new)]
-    # Each label is tokenized on its own, as data.py tokenizes training answers: "positive" -> "▁positive", the
-    # piece a model writes after "Response:" (or after the train format's final "\n").
+    # Each label is tokenized on its own, as data.py tokenizes training answers: "positive" -> "▁positive",
+    # the piece a model writes after "Response:" (or after the train format's final "\n").
     label_ids, out = [tokenizer.encode(label, bos=False) for label in labels], []
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
@@ -227,7 +208,7 @@ def predict(model, tokenizer, texts, labels, cfg, on_batch=None):
 # 5. Cells, resume and atomic outputs
 
 def plan_cells(prompt_set, tasks, groups):
-    """{"task/group/p": (task, group, p, instruction)}, in table order; an error names a group lacking a task."""
+    """{"task/group/p": (task, group, p, instruction)} in table order; errors name a group lacking a task."""
     cells = {}
     for task in tasks:
         for group in groups:
@@ -264,7 +245,8 @@ def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol):
     """Run every cell not complete yet, writing the outputs after each; return results.json's content."""
     old_cells, records = previous_cells(out_dir, protocol, cells, samples) if cfg.resume else ({}, {})
     all_cells, todo = {**old_cells, **cells}, [key for key in cells if key not in records]
-    bar = tqdm(total=sum(len(samples[cells[k][0]]) for k in todo), unit="ex", desc="evaluate", file=sys.stderr)
+    total = sum(len(samples[cells[k][0]]) for k in todo)
+    bar = tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr)
     for key in todo:
         task, group, p, instruction = cells[key]
         examples = [data[task][i] for i in samples[task]]
@@ -273,7 +255,7 @@ def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol):
         records[key] = [dict(task=task, group=group, prompt_index=p, idx=i, raw=raw, pred=pred,
                              gold=LABELS[task][ex["label"]])
                         for i, ex, (raw, pred) in zip(samples[task], examples, answers)]
-        write_outputs(out_dir, all_cells, records, protocol)  # after every cell: a crash loses this one at most
+        write_outputs(out_dir, all_cells, records, protocol)  # after every cell: a crash loses one at most
     bar.close()
     return write_outputs(out_dir, all_cells, records, protocol)
 
@@ -292,10 +274,11 @@ def write_outputs(out_dir, cells, records, protocol):
 # 6. Aggregation: accuracy per cell, mean and std per task x group, consistency, averages
 
 def summarize(cells, records, protocol):
-    """results.json: per cell; per task x group mean and population std over prompts; consistency; averages."""
+    """results.json: cells; per task x group mean and population std over prompts; consistency; averages."""
     out_cells, by_pair, answers = {}, defaultdict(list), defaultdict(lambda: defaultdict(set))
     for key, (task, group, p, instruction) in cells.items():
-        out_cells[key] = dict(task=task, group=group, prompt_index=p, instruction=instruction, n=len(records[key]),
+        out_cells[key] = dict(task=task, group=group, prompt_index=p, instruction=instruction,
+                              n=len(records[key]),
                               accuracy=100 * mean(r["pred"] == r["gold"] for r in records[key]),
                               invalid_rate=100 * mean(r["pred"] is None for r in records[key]))
         by_pair[task, group].append(out_cells[key])
@@ -329,7 +312,8 @@ def choose(text, allowed, what):
     names = list(allowed) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
     unknown = [x for x in names if x not in allowed]
     if unknown or not names:
-        raise ValueError(f"unknown {what} {unknown[0] if unknown else text!r}; choose from {', '.join(allowed)}")
+        raise ValueError(f"unknown {what} {unknown[0] if unknown else text!r}; "
+                         f"choose from {', '.join(allowed)}")
     return names
 
 
@@ -340,7 +324,8 @@ def resolve_paths(cfg):
         if not cfg.base:
             raise ValueError("give --ckpt OUT_DIR, or --base LLAMA_DIR [--adapter PEFT_DIR]")
         name = Path(cfg.adapter or cfg.base).resolve().name
-        return Path(cfg.base), Path(cfg.adapter) if cfg.adapter else None, Path(cfg.out or f"runs/eval-{name}/{leaf}")
+        out_dir = Path(cfg.out or f"runs/eval-{name}/{leaf}")
+        return Path(cfg.base), Path(cfg.adapter) if cfg.adapter else None, out_dir
     ckpt, config = Path(cfg.ckpt), Path(cfg.ckpt) / "config.json"
     if cfg.adapter:
         raise ValueError("give --ckpt or --adapter, not both: a checkpoint's adapter is the one inside it")
@@ -350,7 +335,8 @@ def resolve_paths(cfg):
     lacking = [n for n, ok in (("adapter_config.json", (ckpt / "adapter_config.json").is_file()),
                                ("adapter_model.safetensors (or .bin)", has_weights)) if not ok]
     if lacking:
-        raise ValueError(f"{ckpt}: no adapter here (it lacks {' and '.join(lacking)}); pass coin.py's output dir")
+        raise ValueError(f"{ckpt}: no adapter here (it lacks {' and '.join(lacking)}); "
+                         "pass coin.py's output dir")
     if not cfg.base and not config.is_file():
         raise FileNotFoundError(f"{config}: not found; it names the base model (or pass --base)")
     base = cfg.base or json.loads(config.read_text()).get("base")
@@ -379,7 +365,8 @@ def check_flags(cfg):
         raise ValueError("--samples, --batch-size and --max-new-tokens must be at least 1")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     prompt_set = load_prompt_set(cfg.prompts)
-    tasks, groups = choose(cfg.hidden_report or cfg.tasks, TASKS, "task"), choose(cfg.groups, prompt_set, "group")
+    tasks = choose(cfg.hidden_report or cfg.tasks, TASKS, "task")
+    groups = choose(cfg.groups, prompt_set, "group")
     if cfg.hidden_report and len(tasks) != 1:
         raise ValueError(f"--hidden-report {cfg.hidden_report}: name one task")
     if cfg.hidden_report and "clean" not in groups:
@@ -397,7 +384,7 @@ def protocol_of(cfg, run):
 
 
 def write_hidden_report(model, tokenizer, examples, run, cfg):
-    """--hidden-report TASK: the inputs of every group's prompts on the task's samples, handed to report.py."""
+    """--hidden-report TASK: the inputs of every group's prompts on the task's samples, given to report.py."""
     task, texts = run.tasks[0], {}
     for group in run.groups:
         texts[group] = []  # prompt-major: every example under prompt 0, then under prompt 1, ...
@@ -411,7 +398,8 @@ def write_hidden_report(model, tokenizer, examples, run, cfg):
 
 
 def main(argv=None):
-    cfg = EvalConfig(**parse_flags(EvalConfig, argv, "GLUE robustness evaluation under perturbed instructions"))
+    cfg = EvalConfig(**parse_flags(EvalConfig, argv,
+                                   "GLUE robustness evaluation under perturbed instructions"))
     try:
         run = check_flags(cfg)
         data = {task: load_task(task, cfg.glue_dir) for task in run.tasks}
@@ -422,7 +410,8 @@ def main(argv=None):
         sizes = {task: len(data[task]) for task in run.tasks}
         samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, cfg.samples, cfg.seed)
         if cfg.hidden_report:
-            write_hidden_report(model, tokenizer, [data[run.tasks[0]][i] for i in samples[run.tasks[0]]], run, cfg)
+            examples = [data[run.tasks[0]][i] for i in samples[run.tasks[0]]]
+            write_hidden_report(model, tokenizer, examples, run, cfg)
             return
         cells = plan_cells(run.prompt_set, run.tasks, run.groups)
         results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run))

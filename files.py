@@ -1,4 +1,5 @@
-"""files.py: the two file habits every coin script shares, in one place: atomic writes and JSONL with line numbers.
+"""files.py: the two file habits every coin script shares, in one place:
+atomic writes and JSONL with line numbers.
 
 A support module, torch-free so that perturb.py can use it too. Read it when a script first writes a file.
 

@@ -32,15 +32,15 @@ MNLI_PARTS = ("mnli_matched", "mnli_mismatched")  # mnli = their validation sets
 PAIR, NLI = "Sentence 1: {sentence1} Sentence 2: {sentence2}", "Premise: {premise} Hypothesis: {hypothesis}"
 CONTENT = {  # PromptBench's layout of each task's HF fields
     "cola": "{sentence}", "sst2": "{sentence}", "qqp": "Question 1: {question1} Question 2: {question2}",
-    "mnli": NLI, "mnli_matched": NLI, "mnli_mismatched": NLI, "qnli": "Question: {question} Context: {sentence}",
-    "rte": PAIR, "mrpc": PAIR, "wnli": PAIR,
+    "mnli": NLI, "mnli_matched": NLI, "mnli_mismatched": NLI,
+    "qnli": "Question: {question} Context: {sentence}", "rte": PAIR, "mrpc": PAIR, "wnli": PAIR,
 }
 CATEGORIES = {"Sentiment": ("sst2",), "Grammar": ("cola",), "Paraphrase": ("qqp", "mrpc"),  # CoIN Table 1
               "NLI": ("mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli")}
 
-# HF `glue` rows -> FLAN rows: (glue field -> FLAN field, FLAN's answer strings indexed by the glue label, FLAN's
-# answer field), as flan/tasks.py's _process_<dataset> maps them. stsb's label is a 0.0-5.0 score, rounded as
-# FLAN's as_string(precision=0) into answer_str "0".."5".
+# HF `glue` rows -> FLAN rows: (glue field -> FLAN field, FLAN's answer strings indexed by the glue label,
+# FLAN's answer field), as flan/tasks.py's _process_<dataset> maps them. stsb's label is a 0.0-5.0 score,
+# rounded as FLAN's as_string(precision=0) into answer_str "0".."5".
 FLAN_LAYOUTS = {
     "cola": ({"sentence": "sentence"}, ["unacceptable", "acceptable"], "answer"),
     "sst2": ({"sentence": "sentence"}, ["negative", "positive"], "answer"),
@@ -51,7 +51,8 @@ FLAN_LAYOUTS = {
     "qnli": ({"question": "question", "sentence": "sentence"}, ["yes", "no"], "answer"),
     "rte": ({"sentence1": "premise", "sentence2": "hypothesis"}, ["yes", "no"], "answer"),
     "wnli": ({"sentence1": "sentence1", "sentence2": "sentence2"}, ["no", "yes"], "answer"),
-    "stsb": ({"sentence1": "sentence1", "sentence2": "sentence2"}, ["0", "1", "2", "3", "4", "5"], "answer_str"),
+    "stsb": ({"sentence1": "sentence1", "sentence2": "sentence2"}, ["0", "1", "2", "3", "4", "5"],
+             "answer_str"),
 }
 
 
@@ -71,7 +72,8 @@ def flan_row(dataset, row, where):
 
 
 def label_id(task, value, where):
-    """A gold label as its HF glue id: ids (or digit strings) stay, label words ("entailment") map to theirs."""
+    """A gold label as its HF glue id: ids (or digit strings) stay,
+    label words ("entailment") map to theirs."""
     labels = LABELS[task]
     if isinstance(value, str):
         text = value.strip()
@@ -79,7 +81,8 @@ def label_id(task, value, where):
     if value is None or value == -1:
         raise ValueError(f"{where}: no label (-1): test splits have none; evaluate the validation split")
     if type(value) is not int or not 0 <= value < len(labels):
-        raise ValueError(f"{where}: label {value!r} is none of {task}'s ids 0..{len(labels) - 1} or words {labels}")
+        raise ValueError(f"{where}: label {value!r} is none of {task}'s ids 0..{len(labels) - 1} "
+                         f"or words {labels}")
     return value
 
 
@@ -95,7 +98,8 @@ GLUE_TSV = {
     "sst2": ("SST-2/dev.tsv", {"sentence": "sentence", "label": "label"}),
     "mrpc": ("MRPC/dev.tsv", {"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
     "qqp": ("QQP/dev.tsv", {"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
-    "mnli_matched": ("MNLI/dev_matched.tsv", MNLI_TSV), "mnli_mismatched": ("MNLI/dev_mismatched.tsv", MNLI_TSV),
+    "mnli_matched": ("MNLI/dev_matched.tsv", MNLI_TSV),
+    "mnli_mismatched": ("MNLI/dev_mismatched.tsv", MNLI_TSV),
     "qnli": ("QNLI/dev.tsv", {"question": "question", "sentence": "sentence", "label": "label"}),
     "rte": ("RTE/dev.tsv", S12), "wnli": ("WNLI/dev.tsv", S12),
 }
@@ -131,7 +135,8 @@ def read_tsv(path, part):
 def task_files(glue_dir, task):
     """[(file, part)] holding `task`'s validation rows: <task>.jsonl files, else the GLUE TSV layout."""
     parts = MNLI_PARTS if task == "mnli" and not (glue_dir / "mnli.jsonl").is_file() else (task,)
-    for found in ([(glue_dir / f"{p}.jsonl", p) for p in parts], [(glue_dir / GLUE_TSV[p][0], p) for p in parts]):
+    for found in ([(glue_dir / f"{p}.jsonl", p) for p in parts],
+                  [(glue_dir / GLUE_TSV[p][0], p) for p in parts]):
         if all(path.is_file() for path, _ in found):
             return found
     raise FileNotFoundError(f"{glue_dir}: no {' + '.join(p + '.jsonl' for p in parts)} nor "
@@ -143,7 +148,8 @@ def hf_validation_rows(task):
     try:
         import datasets
     except ImportError:
-        raise ValueError("no --glue-dir, and the `datasets` package is not installed: pass --glue-dir") from None
+        raise ValueError("no --glue-dir, and the `datasets` package is not installed: "
+                         "pass --glue-dir") from None
     rows = []
     for part in MNLI_PARTS if task == "mnli" else (task,):
         for i, row in enumerate(datasets.load_dataset("glue", part, split="validation")):

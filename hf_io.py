@@ -1,4 +1,5 @@
-"""hf_io.py: reading and writing the files of the HF and peft worlds: config.json, weights, adapters, tokenizer.
+"""hf_io.py: reading and writing the files of the HF and peft worlds:
+config.json, weights, adapters, tokenizer.
 
 A support module beside model.py: model.py defines the network, this file fills it. Read it after model.py.
 
@@ -7,9 +8,9 @@ A support module beside model.py: model.py defines the network, this file fills 
     load_adapter / save_adapter     a peft LoRA adapter directory (alpaca-lora's included) <-> LoRA layers
     load_tokenizer                  tokenizer.model, checked against config.json
 
-Our parameter names are the HF keys, and our LoRA keys are peft's minus `base_model.model.`, so every loader is
-a loop that checks each key and shape and says which one is wrong. Nothing here unpickles code: safetensors, or
-`torch.load(weights_only=True)` for legacy .bin files.
+Our parameter names are the HF keys, and our LoRA keys are peft's minus `base_model.model.`, so every loader
+is a loop that checks each key and shape and says which one is wrong. Nothing here unpickles code:
+safetensors, or `torch.load(weights_only=True)` for legacy .bin files.
 
 Next: read `data.py`.
 """
@@ -83,7 +84,8 @@ def checkpoint_files(path):
             shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
             for shard in shards:
                 if not (path / shard).is_file():
-                    raise FileNotFoundError(f"{path / shard}: shard listed in {index_name} is missing; download it")
+                    raise FileNotFoundError(f"{path / shard}: shard listed in {index_name} "
+                                            "is missing; download it")
             return [path / shard for shard in shards]
         if (path / single_name).is_file():
             return [path / single_name]
@@ -91,7 +93,8 @@ def checkpoint_files(path):
 
 
 def read_tensors(file, device):
-    """{key: tensor} of one weight file, on `device`. Never unpickles code: safetensors, or weights_only torch.load."""
+    """{key: tensor} of one weight file, on `device`.
+    Never unpickles code: safetensors, or weights_only torch.load."""
     try:
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt", device=str(device)) as f:
@@ -120,10 +123,12 @@ def load_model(path, dtype=torch.float32, device="cpu"):
             if key.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and key == "lm_head.weight"):
                 del tensors[key]
             elif key not in expected:
-                raise ValueError(f"{file}: unexpected key {key}; is this a LLaMA checkpoint matching config.json?")
+                raise ValueError(f"{file}: unexpected key {key}; "
+                                 "is this a LLaMA checkpoint matching config.json?")
             elif tensors[key].shape != expected[key].shape:
-                raise ValueError(f"{file}: {key} has shape {tuple(tensors[key].shape)} but config.json implies "
-                                 f"{tuple(expected[key].shape)}; the config and the weights disagree")
+                raise ValueError(f"{file}: {key} has shape {tuple(tensors[key].shape)} "
+                                 f"but config.json implies {tuple(expected[key].shape)}; "
+                                 "the config and the weights disagree")
             else:
                 tensors[key] = tensors[key].to(dtype)
         model.load_state_dict(tensors, strict=False, assign=True)
@@ -144,7 +149,8 @@ def save_model(model, out_dir):
     tied = {"lm_head.weight"} if model.args.tie_word_embeddings else set()  # HF stores a tied matrix once
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(out_dir / "model.safetensors",
+                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_atomically(out_dir / "config.json", json.dumps(hf_config(model.args), indent=2))
 
 
@@ -169,12 +175,13 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
         raise ValueError("the model has no LoRA layers: call apply_lora or load_adapter first")
     first = next(iter(loras.values()))
     config = dict(
-        peft_type="LORA", task_type="CAUSAL_LM", r=first.r, lora_alpha=first.alpha, lora_dropout=first.dropout.p,
-        target_modules=sorted({name.rsplit(".", 1)[-1] for name in loras}), bias="none", fan_in_fan_out=False,
-        use_rslora=False, inference_mode=True, modules_to_save=None,
+        peft_type="LORA", task_type="CAUSAL_LM", r=first.r, lora_alpha=first.alpha,
+        lora_dropout=first.dropout.p, target_modules=sorted({name.rsplit(".", 1)[-1] for name in loras}),
+        bias="none", fan_in_fan_out=False, use_rslora=False, inference_mode=True, modules_to_save=None,
         base_model_name_or_path=base_model_name_or_path or model.name_or_path,
     )
-    tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous()
+               for k, v in lora_state_dict(model).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / "adapter_model.safetensors",
                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -182,7 +189,8 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
 
 
 def read_adapter_config(adapter_dir):
-    """adapter_config.json, checked to describe plain LoRA. Legacy keys (enable_lora, merge_weights) are ignored."""
+    """adapter_config.json, checked to describe plain LoRA.
+    Legacy keys (enable_lora, merge_weights) are ignored."""
     file = Path(adapter_dir) / "adapter_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not found; point at a peft LoRA adapter directory")
@@ -191,7 +199,8 @@ def read_adapter_config(adapter_dir):
         raise ValueError(f"{file}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for field, plain in PLAIN_LORA.items():
         if cfg.get(field) not in plain:
-            raise ValueError(f"{file}: {field}={cfg[field]!r} is not supported; coin implements plain LoRA only")
+            raise ValueError(f"{file}: {field}={cfg[field]!r} is not supported; "
+                             "coin implements plain LoRA only")
     return cfg
 
 
@@ -222,12 +231,15 @@ def load_adapter(model, adapter_dir):
             expected[f"{name}.lora_B.weight"] = (m.out_features, r)
     for key, t in sorted(tensors.items()):
         if key not in expected:
-            raise ValueError(f"{file}: unexpected key {key}; the adapter was made for another model or targets")
+            raise ValueError(f"{file}: unexpected key {key}; "
+                             "the adapter was made for another model or targets")
         rank = t.shape[0] if ".lora_A." in key else t.shape[-1]
         if rank != r:
-            raise ValueError(f"{file}: {key} has rank {rank} but adapter_config.json says r={r}; they disagree")
+            raise ValueError(f"{file}: {key} has rank {rank} "
+                             f"but adapter_config.json says r={r}; they disagree")
         if tuple(t.shape) != expected[key]:
-            raise ValueError(f"{file}: {key} has shape {tuple(t.shape)} but this model needs {expected[key]}; "
+            raise ValueError(f"{file}: {key} has shape {tuple(t.shape)} "
+                             f"but this model needs {expected[key]}; "
                              "the adapter was trained on a base model of another size")
     missing = sorted(expected.keys() - tensors.keys())
     if missing:
@@ -272,7 +284,8 @@ def load_tokenizer(model_dir):
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     vocab_size = read_model_args(model_dir).vocab_size
     if tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"{model_dir / 'tokenizer.model'}: {tokenizer.vocab_size} pieces but config.json says "
-                         f"vocab_size={vocab_size}; use the tokenizer that came with this model")
+        raise ValueError(f"{model_dir / 'tokenizer.model'}: {tokenizer.vocab_size} pieces "
+                         f"but config.json says vocab_size={vocab_size}; "
+                         "use the tokenizer that came with this model")
     return tokenizer
 

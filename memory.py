@@ -33,14 +33,16 @@ GPU_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS workspace, allocator slack: outsi
 def count_parameters(args):
     attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
     layer = attn + 3 * args.dim * args.intermediate_size + 2 * args.dim
-    return args.n_layers * layer + (1 if args.tie_word_embeddings else 2) * args.vocab_size * args.dim + args.dim
+    return (args.n_layers * layer + (1 if args.tie_word_embeddings else 2) * args.vocab_size * args.dim
+            + args.dim)
 
 
 def lora_shapes(args, targets=LORA_TARGETS):
     """(in_features, out_features) of each LoRA-wrapped projection of one layer."""
-    D, I, q, kv = args.dim, args.intermediate_size, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    shapes = dict(q_proj=(D, q), k_proj=(D, kv), v_proj=(D, kv), o_proj=(q, D), gate_proj=(D, I), up_proj=(D, I),
-                  down_proj=(I, D))
+    D, I = args.dim, args.intermediate_size
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = dict(q_proj=(D, q), k_proj=(D, kv), v_proj=(D, kv), o_proj=(q, D),
+                  gate_proj=(D, I), up_proj=(D, I), down_proj=(I, D))
     return {t: shapes[t] for t in targets}
 
 
@@ -56,7 +58,8 @@ def saved_activation_bytes(args, tokens, grad_checkpointing=True, targets=LORA_T
     layer = (2 * norm + 4 * a * args.n_heads * args.head_dim + 4 * args.n_heads + 4 * a * args.head_dim
              + 3 * a * args.intermediate_size + lora)
     qkv_in = sum(shapes[t][0] for t in ("q_proj", "k_proj", "v_proj") if t in shapes)
-    weight_copies = a * r * (L * sum(d_in + d_out for d_in, d_out in shapes.values()) - qkv_in) if autocast else 0
+    weight_copies = (a * r * (L * sum(d_in + d_out for d_in, d_out in shapes.values()) - qkv_in)
+                     if autocast else 0)
     return tokens * (L * layer - (norm + mask_bytes * qkv_in) + norm) + weight_copies
 
 
@@ -103,7 +106,8 @@ def print_memory_estimate(args, rows=8, seq_len=256, supervised=None, budget_gib
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Predicted peak memory of LoRA training (bf16, CUDA)")
     parser.add_argument("--config", help="HF config.json or model directory (default: LLaMA-7B)")
-    parser.add_argument("--rows", type=int, default=8, help="sequences per micro-batch; CoIN uses 2 per example")
+    parser.add_argument("--rows", type=int, default=8,
+                        help="sequences per micro-batch; CoIN uses 2 per example")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (CoIN's cutoff)")
     parser.add_argument("--supervised", type=int, help="tokens per row that get logits (default: all)")
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory to fit into")

@@ -7,16 +7,16 @@ only uses what came before it.
     -> LoRA -> generation
 
 Parameter names are the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so loading a
-checkpoint is a loop plus validation, with no mapping table (hf_io.py does it). LoRA keys are peft's keys minus
-the prefix `base_model.model.`, so an alpaca-lora adapter loads as it is, and ours load in peft.
+checkpoint is a loop plus validation, with no mapping table (hf_io.py does it). LoRA keys are peft's keys
+minus the prefix `base_model.model.`, so an alpaca-lora adapter loads as it is, and ours load in peft.
 
 Dtype policy: the frozen base weights are bf16, fp16 or fp32 (hf_io.load_model(dtype=...)); LoRA weights are
 always fp32 (they are trained, and AdamW updates of 1e-4 * 1e-3 vanish in bf16); RMSNorm computes in fp32;
 attention uses PyTorch's scaled_dot_product_attention, whose kernels accumulate the softmax in fp32.
 
 Shape legend:
-    B batch, T tokens in this call, S key slots (cached + new), D model dim, H query heads, Hk key/value heads,
-    Hd head dim, I MLP hidden dim, V vocab, r LoRA rank, L layers
+    B batch, T tokens in this call, S key slots (cached + new), D model dim, H query heads,
+    Hk key/value heads, Hd head dim, I MLP hidden dim, V vocab, r LoRA rank, L layers
 
 References: LLaMA (Touvron et al. 2023); LoRA (Hu et al. 2021, §4.1 for the scaling alpha/r); HF
 `modeling_llama.py` for key names; transformers#25199 for the "rotate-half" RoPE layout of HF checkpoints.
@@ -76,7 +76,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (a mean of squares loses too much in bf16), cast back, then scale: HF's exact order.
+        # Normalise in fp32 (a mean of squares loses too much in bf16), cast back,
+        # then scale: HF's exact order.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -128,7 +129,8 @@ class KVCache:
         self.length = 0
 
     def update(self, layer, pos, k, v):
-        """Store k, v (B, Hk, T, Hd) at slots pos..pos+T; return the filled prefix (B, Hk, pos+T, Hd) of each."""
+        """Store k, v (B, Hk, T, Hd) at slots pos..pos+T;
+        return the filled prefix (B, Hk, pos+T, Hd) of each."""
         end = pos + k.shape[2]
         self.k[layer, :, :, pos:end] = k
         self.v[layer, :, :, pos:end] = v
@@ -175,9 +177,11 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             # GQA: each key/value head serves n_rep consecutive query heads, as HF's repeat_kv.
             n_rep = self.n_heads // self.n_kv_heads
-            k, v = (t[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2) for t in (k, v))  # (B, H, S, Hd)
+            k, v = (t[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2)  # (B, H, S, Hd)
+                    for t in (k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, Hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, Hd) -> (B, T, H*Hd) -> (B, T, D)
+        # (B, H, T, Hd) -> (B, T, H*Hd) -> (B, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 # -----------------------------------------------------------------------------
@@ -246,18 +250,21 @@ class Llama(nn.Module):
         self.name_or_path = ""           # where the base weights came from; recorded in saved adapters
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
-        """input_ids (B, T) -> final-norm hidden states (B, T, D). With a cache, the T tokens follow the cached ones."""
+        """input_ids (B, T) -> final-norm hidden states (B, T, D).
+        With a cache, the T tokens follow the cached ones."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is None and (attention_mask is None or attention_mask.all()):  # training: no mask to build
             positions, mask = torch.arange(T, device=input_ids.device).expand(B, T), None
         else:
-            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else attention_mask.bool())
             if cache is not None:
                 cache.key_mask[:, start:start + T] = real
                 real = cache.key_mask[:, :start + T]  # (B, S): the mask of every key slot so far
             positions, mask = attention_layout(real, start)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)  # (B, T, Hd), shared by layers
+        # cos, sin (B, T, Hd), shared by layers
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -277,7 +284,8 @@ class Llama(nn.Module):
 
 
 def pool_last_token(hidden, last_index):
-    """hidden (R, T, D), last_index (R,) -> (R, D): each row's state at its last real token (any padding side)."""
+    """hidden (R, T, D), last_index (R,) -> (R, D): each row's state at its last real token
+    (any padding side)."""
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
 
 
@@ -303,9 +311,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = weight.shape
         self.weight = weight
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r  # LoRA §4.1: alpha/r keeps lr meaningful across r
-        # fp32 even over a bf16 base: these are trained. A keeps nn.Linear's Kaiming-uniform init; B = 0 makes a
-        # fresh adapter an exact no-op (LoRA §4.1, as in loralib and peft).
+        # LoRA §4.1: alpha/r keeps lr meaningful across r
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        # fp32 even over a bf16 base: these are trained. A keeps nn.Linear's Kaiming-uniform init;
+        # B = 0 makes a fresh adapter an exact no-op (LoRA §4.1, as in loralib and peft).
         self.lora_A = nn.Linear(in_features, r, bias=False, device=weight.device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=weight.device, dtype=torch.float32)
         nn.init.zeros_(self.lora_B.weight)
@@ -377,11 +386,12 @@ def merge_lora(model):
 def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0):
     """Greedy continuations of `prompts` (lists of token ids, any lengths). Returns the new ids of each row.
 
-    The prompts' common prefix (an evaluation batch shares its instruction) runs once, and its keys and values
-    are copied into every row's cache. The rest of each prompt is left-padded after it, so every row's next token
-    sits in the same (last) slot: pads in the middle are harmless, as positions count real slots only and the
-    mask hides pads. The prefill computes logits for that last slot only; each later step feeds one token per
-    row through the cache. A row stops after producing eos_id (kept in its output), or after max_new_tokens.
+    The prompts' common prefix (an evaluation batch shares its instruction) runs once, and its keys and
+    values are copied into every row's cache. The rest of each prompt is left-padded after it, so every
+    row's next token sits in the same (last) slot: pads in the middle are harmless, as positions count
+    real slots only and the mask hides pads. The prefill computes logits for that last slot only; each
+    later step feeds one token per row through the cache. A row stops after producing eos_id (kept in
+    its output), or after max_new_tokens.
     """
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, and no empty prompt (start each with BOS)")
@@ -395,7 +405,8 @@ def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0):
     if P:
         shared = KVCache(model.args, 1, P, dtype, device)
         model.hidden_states(torch.tensor([prompts[0][:P]], device=device), None, shared)
-        cache.k[:, :, :, :P], cache.v[:, :, :, :P] = shared.k, shared.v  # (L, 1, Hk, P, Hd) -> (L, B, Hk, P, Hd)
+        # (L, 1, Hk, P, Hd) -> (L, B, Hk, P, Hd)
+        cache.k[:, :, :, :P], cache.v[:, :, :, :P] = shared.k, shared.v
         cache.key_mask[:, :P], cache.length = True, P
     ids = torch.tensor([[pad_id] * (width - len(t)) + t for t in tails], device=device)     # (B, T)
     mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)  # (B, T)
@@ -409,5 +420,6 @@ def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0):
                 done[row] = token == eos_id
         if all(done) or step == max_new_tokens - 1:
             break
-        hidden = model.hidden_states(next_ids[:, None], torch.ones_like(next_ids[:, None]), cache)  # (B, 1, D)
+        next_mask = torch.ones_like(next_ids[:, None])
+        hidden = model.hidden_states(next_ids[:, None], next_mask, cache)  # (B, 1, D)
     return outputs

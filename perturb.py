@@ -1,39 +1,37 @@
-"""Perturbed instructions: seeded character, word, sentence and semantic perturbations (CoIN §4.3).
+"""perturb.py: seeded character, word, sentence and semantic perturbations of instructions (CoIN §4.3).
 
-CoIN asks whether an instruction-tuned model still answers correctly when the instruction is worded differently.
-As in PromptBench (Zhu et al., 2023), each GLUE task is evaluated under clean instructions and under the same
-instructions perturbed at four levels:
+CoIN asks whether an instruction-tuned model still answers correctly when the instruction is worded
+differently. As in PromptBench (Zhu et al., 2023), each GLUE task is evaluated under clean instructions and
+under the same instructions perturbed at four levels:
 
     deepwordbug  character  ~40% of words get one or two typos (swap, substitute, delete or insert a letter)
-    textfooler   word       ~30% of words replaced by a synonym from SYNONYMS ("Determine whether" -> "Decide if")
+    textfooler   word       ~30% of words swapped for a synonym ("Determine whether" -> "Decide if")
     checklist    sentence   a random 10-character [A-Za-z0-9] token at the end, or before a closing ':' or '.'
     semantic     meaning    a rule-based paraphrase: phrase swaps, a "Given X, ..." clause moved to the end,
-                            imperative <-> question ("Decide ..." -> "Could you decide ...?"), last sentence first
+                            imperative <-> question ("Decide ..." -> "Could you decide ...?"), last sentence
+                            first
 
 What these are, and what they are not. PromptBench's DeepWordBug and TextFooler prompts come from adversarial
-*searches* against a victim model, which keep the edits that hurt it most, and its semantic prompts are written by
-humans. Ours are seeded, non-adaptive perturbations of the same kinds (random words, random edits, a context-free
-synonym table, a handful of rewrite rules): they measure sensitivity to noise, not worst-case robustness, and are
-usually milder. For numbers comparable to the paper, feed evaluate.py PromptBench's precomputed prompts instead.
+*searches* against a victim model, which keep the edits that hurt it most, and humans wrote its semantic
+prompts. Ours are seeded, non-adaptive perturbations of the same kinds: they measure sensitivity to noise, not
+worst-case robustness, and are usually milder. For numbers comparable to the paper, give evaluate.py
+PromptBench's precomputed prompts instead.
 
-Protected spans. The answer options must survive, or we would score a model that was told the wrong labels
-(PromptBench's LabelConstraint). Never touched: the label words of glue.LABELS, quoted spans ('positive'),
-{placeholders} and any extra `protected` spans. `mask` swaps them for opaque markers before a level runs and `unmask`
-puts them back, so no level can even see them.
+Protected spans. The answer options must survive, or we would score a model told the wrong labels
+(PromptBench's LabelConstraint): the label words of glue.LABELS, quoted spans ('positive'), {placeholders}
+and any extra `protected` spans are swapped for opaque markers before a level runs (`mask`) and put back
+after (`unmask`).
 
-Strength. A rate is a fraction of the instruction's words, the unit of the paper's statistic: its DeepWordBug prompts
-change about 40% of the words (4 to 11 of ~18), its TextFooler prompts about 30% (3 to 10 of ~18). Only eligible
-words are edited (no stopwords; for synonyms, words in the table), so short instructions may get fewer edits. The
-CLI prints the measured strength of every level.
+Strength. A rate is a fraction of the instruction's words, the unit of the paper's statistic: its DeepWordBug
+prompts change about 40% of the words (4 to 11 of ~18), its TextFooler prompts about 30%. Only eligible words
+are edited (no stopwords; for synonyms, words in the table), so short instructions may get fewer edits. The
+CLI prints the measured strength. Each call seeds its own random.Random with the string
+"level:seed:instruction" (SHA-512, unlike hash(): the same in every process).
 
-Determinism. `perturb` seeds its own `random.Random` with the string "level:seed:instruction"; string seeds go
-through SHA-512, so unlike `hash()` they give the same result in every process.
-
-Files. The CLI reads clean instructions, `{task: [instruction, ...]}` or the "clean" group of a file it wrote, and
-writes the prompt-set file evaluate.py reads: `{group: {task: [instruction, ...]}}` with the groups clean,
-deepwordbug, textfooler, checklist and semantic. `--semantic FILE` ({task: [...]}) replaces our paraphrases with
-yours; `--wordnet` adds WordNet synonyms (needs nltk and its wordnet data; off by default, so that the output does
-not depend on what is installed).
+Files. The CLI reads clean instructions, `{task: [instruction, ...]}` (or the "clean" group of a file it
+wrote), and writes evaluate.py's prompt-set file `{group: {task: [instruction, ...]}}`. `--semantic FILE`
+replaces our paraphrases with yours; `--wordnet` adds WordNet synonyms (needs nltk and its data; off by
+default, so that the output does not depend on what is installed).
 
     python perturb.py --prompts prompts/clean.json --out prompts/perturbed.json [--seed 0] [--n 6] \
         [--deepwordbug-rate 0.4] [--textfooler-rate 0.3] [--semantic FILE] [--wordnet]
@@ -64,49 +62,14 @@ CHECKLIST_CHARS = string.ascii_letters + string.digits
 TYPO_LETTERS = string.ascii_letters  # TextAttack's DeepWordBug inserts and substitutes either case
 
 # TextAttack's DeepWordBug and TextFooler recipes never edit stopwords; neither do we.
-STOPWORDS = frozenset("""a an the and or but if of to in on at by for with as from into about is are was were be
-been it its this that these those they them their one you your do does did not no yes so then than there here how
-what which who can could would should will may must has have had both each neither""".split())
+STOPWORDS = frozenset("""a an the and or but if of to in on at by for with as from into about is are was
+were be been it its this that these those they them their one you your do does did not no yes so then than
+there here how what which who can could would should will may must has have had both each neither""".split())
 
-# Written for this project: single real words, never a label word (tests check both), chosen so that "a"/"an"
-# stays right where the shipped instructions use them. Context-free, like any table: "review" is always a noun.
-SYNONYMS = {
-    "analyze": ["examine", "inspect", "study"], "analysis": ["assessment", "evaluation"], "answer": ["reply"],
-    "answers": ["addresses", "resolves"], "ask": ["request", "seek"], "asks": ["requests", "seeks"],
-    "assess": ["evaluate", "judge", "gauge"], "assistant": ["helper", "aide"], "attitude": ["stance", "outlook"],
-    "author": ["writer"], "careful": ["meticulous", "attentive"], "check": ["inspect", "verify", "examine"],
-    "choose": ["pick", "select"], "claim": ["assertion", "statement"], "classify": ["categorize", "label"],
-    "collected": ["gathered", "compiled"], "compare": ["contrast", "match"], "contains": ["includes", "holds"],
-    "content": ["substance", "material"], "convey": ["express", "communicate"], "correct": ["right", "accurate"],
-    "conveys": ["expresses", "communicates"], "critique": ["review", "appraisal"], "decide": ["determine", "judge"],
-    "describe": ["characterize", "depict"], "determine": ["decide", "establish", "ascertain"],
-    "different": ["distinct", "other"], "emotional": ["affective", "sentimental"], "enjoy": ["like", "appreciate"],
-    "evaluate": ["assess", "judge"], "examine": ["inspect", "study", "scrutinize"], "expert": ["authority"],
-    "expresses": ["conveys", "communicates"], "fact": ["detail", "point"], "feeling": ["emotion", "sentiment"],
-    "film": ["movie", "picture"], "following": ["subsequent", "next"], "given": ["provided"],
-    "guarantee": ["ensure", "assure"], "hypothesis": ["conjecture", "supposition"], "identical": ["same", "matching"],
-    "identify": ["recognize", "pinpoint", "determine"], "implies": ["suggests", "indicates"],
-    "indicate": ["state", "specify", "give"], "inferred": ["deduced", "concluded"], "input": ["text", "sample"],
-    "information": ["content", "facts", "details"], "intent": ["purpose", "aim"], "label": ["tag", "mark"],
-    "judge": ["assess", "decide", "evaluate"], "line": ["sentence", "passage"], "meaning": ["sense", "significance"],
-    "merged": ["combined", "joined"], "movie": ["film", "picture"], "opinion": ["view", "judgment"],
-    "original": ["source", "initial"], "pair": ["couple"], "passage": ["excerpt", "text", "paragraph"],
-    "pick": ["choose", "select"], "please": ["kindly"], "posts": ["messages", "entries"], "premise": ["proposition"],
-    "provide": ["give", "supply", "offer"], "question": ["query"], "questions": ["queries", "inquiries"],
-    "read": ["peruse", "scan", "review"], "relation": ["relationship", "connection", "link"],
-    "repeated": ["duplicated", "redundant"], "rephrases": ["rewords", "restates", "paraphrases"],
-    "replacement": ["substitution", "swap"], "reply": ["respond", "answer"], "report": ["describe", "state"],
-    "resolves": ["settles", "answers"], "respond": ["reply", "answer"], "review": ["critique", "appraisal"],
-    "reviewer": ["critic"], "rewritten": ["reworded", "rephrased"], "rules": ["norms", "conventions"],
-    "satisfy": ["address", "answer"], "select": ["choose", "pick"], "sentence": ["phrase", "line"],
-    "sentences": ["phrases", "lines", "utterances"], "short": ["brief"], "shown": ["displayed", "presented"],
-    "single": ["lone", "sole"], "statement": ["claim", "assertion", "remark"], "statements": ["claims", "assertions"],
-    "stories": ["articles", "reports"], "strict": ["rigorous", "demanding"], "structure": ["form", "construction"],
-    "supports": ["backs", "confirms"], "system": ["model", "tool"], "taken": ["drawn", "extracted"],
-    "tell": ["say", "determine"], "text": ["passage", "content"], "texts": ["passages", "excerpts"],
-    "tone": ["mood", "feeling"], "true": ["correct", "accurate"], "tutor": ["teacher", "coach"],
-    "website": ["site", "portal"], "whether": ["if"], "words": ["terms", "wording"], "written": ["printed"],
-}
+# The word-level table, written for this project: single real words, never a label word (tests check both),
+# chosen so that "a"/"an" stays right where the shipped instructions use them. Context-free, like any table:
+# "review" is always a noun. It is data, so it lives in a file: {word: [synonym, ...]}.
+SYNONYMS = json.loads(Path(__file__).resolve().with_name("prompts").joinpath("synonyms.json").read_text())
 
 # The paraphraser's rules. Phrases within a group are interchangeable; no phrase is in two groups.
 PHRASE_GROUPS = (
@@ -118,15 +81,15 @@ PHRASE_GROUPS = (
 )
 PHRASE_OF = {phrase: group for group in PHRASE_GROUPS for phrase in group}
 PHRASE_RE = re.compile(r"\b(?:%s)\b" % "|".join(sorted(PHRASE_OF, key=len, reverse=True)), re.IGNORECASE)
-LEADING_CLAUSE_RE = re.compile(r"^((?:Given|As an?) [^,]+), (.+?)([.?!:]?)$")  # "Given X, do Y." / "As a X, ..."
+LEADING_CLAUSE_RE = re.compile(r"^((?:Given|As an?) [^,]+), (.+?)([.?!:]?)$")  # "Given X, do Y.", "As a X,"
 QUESTION_OPENERS = (("Can you ", ""), ("Could you ", ""),  # question opener -> imperative opener
                     ("Is it true that ", "Determine whether "), ("Do ", "Determine whether "))
-IMPERATIVE_VERBS = frozenset("""analyze assess check choose classify compare decide describe determine evaluate
-examine identify indicate judge label pick please read select tell""".split())
+IMPERATIVE_VERBS = frozenset("""analyze assess check choose classify compare decide describe determine
+evaluate examine identify indicate judge label pick please read select tell""".split())
 
 QUOTED_RE = r"(?<![A-Za-z])'[^'\n]+'(?![A-Za-z])|\"[^\"\n]+\""  # an apostrophe inside a word opens no quote
 BRACED_RE = r"\{[^{}\n]*\}"
-MARKER_RE = re.compile("\x00(\\d+)\x01")  # what `mask` leaves in place of a protected span: no letters, no spaces
+MARKER_RE = re.compile("\x00(\\d+)\x01")  # `mask`'s stand-in for a protected span: no letters, no spaces
 WORD_RE = re.compile(r"[A-Za-z]+")
 SENTENCE_RE = re.compile(r"[^.?!:]+[.?!:]?")
 
@@ -135,7 +98,7 @@ SENTENCE_RE = re.compile(r"[^.?!:]+[.?!:]?")
 
 
 def mask(text, protected=()):
-    """Replace label words, quoted spans, {placeholders} and `protected` by markers; returns (masked, spans)."""
+    """Replace label words, quoted spans, {placeholders} and `protected` by markers: (masked, spans)."""
     words = sorted({*ALL_LABEL_WORDS, *(p for p in protected if p)}, key=len, reverse=True)
     pattern = rf"{QUOTED_RE}|{BRACED_RE}|(?<!\w)(?:{'|'.join(map(re.escape, words))})(?!\w)"
     spans = []
@@ -167,13 +130,19 @@ def upper_first(text):
 def edit_words(text, n_target, eligible, edit, rng):
     """Replace `n_target` random eligible words by `edit(word, rng)`; fewer if fewer words are eligible."""
     spots = [m.span() for m in WORD_RE.finditer(text) if eligible(m.group())]
-    for a, b in sorted(rng.sample(spots, min(n_target, len(spots))), reverse=True):  # right to left keeps offsets
+    chosen = rng.sample(spots, min(n_target, len(spots)))
+    for a, b in sorted(chosen, reverse=True):  # right to left, so earlier offsets stay valid
         text = text[:a] + edit(text[a:b], rng) + text[b:]
     return text
 
 
+def typo_target(word):
+    """DeepWordBug's eligible words: 3 letters or more, and no stopword."""
+    return len(word) > 2 and word.lower() not in STOPWORDS
+
+
 def typo(word, rng):
-    """One or two of DeepWordBug's edits (swap, substitute, delete, insert), retried until the word changes."""
+    """One or two of DeepWordBug's edits (swap, substitute, delete, insert), redone until the word changes."""
     new = word
     while new == word:
         new = word
@@ -244,7 +213,8 @@ def move_leading_clause(sentence):
 
 
 def flip_mood(sentence):
-    """Imperative <-> question: "Decide X." -> "Can you decide X?"; "Is it true that X?" -> "Determine whether X."."""
+    """Imperative <-> question: "Decide X." -> "Can you decide X?"; "Is it true that X?" -> "Determine
+    whether X."."""
     body, end = (sentence[:-1], sentence[-1]) if sentence[-1] in ".?!:" else (sentence, "")
     for question, imperative in QUESTION_OPENERS:
         if end == "?" and body.startswith(question):
@@ -274,8 +244,8 @@ def rotate_sentences(text, rng):
 
 
 def paraphrase(text, rng):
-    """Apply each rule with probability 1/2. If that changed nothing, force the first rule (in random order) that
-    applies, and if none does, prepend a framing sentence, so the result always differs from `text`."""
+    """Apply each rule with probability 1/2. If that changed nothing, force the first rule (in random order)
+    that applies, and if none does, prepend a framing sentence, so the result always differs from `text`."""
     rules = [swap_phrases, functools.partial(rewrite_one_sentence, move_leading_clause),
              functools.partial(rewrite_one_sentence, flip_mood), rotate_sentences]
     out = text
@@ -293,10 +263,10 @@ def paraphrase(text, rng):
 
 
 def perturb(instruction, level, seed, protected=(), rate=None, wordnet=False):
-    """`instruction` perturbed at `level`: fixed by (instruction, level, seed), and by rate/wordnet where given.
+    """`instruction` perturbed at `level`: fixed by (instruction, level, seed), and by rate/wordnet if given.
 
-    Label words, quoted spans, {placeholders} and the `protected` spans come back verbatim. `rate` is the fraction
-    of the instruction's words that deepwordbug or textfooler change (default DEFAULT_RATES)."""
+    Label words, quoted spans, {placeholders} and the `protected` spans come back verbatim. `rate` is the
+    fraction of the instruction's words that deepwordbug or textfooler change (default DEFAULT_RATES)."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}: choose one of {', '.join(LEVELS)}")
     rate = DEFAULT_RATES.get(level, 0.0) if rate is None else rate
@@ -305,11 +275,11 @@ def perturb(instruction, level, seed, protected=(), rate=None, wordnet=False):
     if level == "clean":
         return instruction
     protected = [protected] if isinstance(protected, str) else protected  # one span, not its characters
-    rng = random.Random(f"{level}:{seed}:{instruction}")  # a str seed: SHA-512, not the per-process salted hash()
+    rng = random.Random(f"{level}:{seed}:{instruction}")  # a str seed: SHA-512, not the salted hash()
     text, spans = mask(instruction, protected)
     n_target = max(1, round(rate * len(instruction.split())))
     if level == "deepwordbug":
-        text = edit_words(text, n_target, lambda w: len(w) > 2 and w.lower() not in STOPWORDS, typo, rng)  # 3+ letters
+        text = edit_words(text, n_target, typo_target, typo, rng)
     elif level == "textfooler":
         text = edit_words(text, n_target, lambda w: bool(synonyms(w, wordnet)),
                           lambda w, r: match_case(r.choice(synonyms(w, wordnet)), w), rng)
@@ -324,7 +294,7 @@ def perturb(instruction, level, seed, protected=(), rate=None, wordnet=False):
 
 
 def load_prompts(path):
-    """Read and check `{task: [instruction, ...]}`, or the "clean" group of a `{group: {task: [...]}}` file."""
+    """Read and check `{task: [instruction, ...]}`, or the "clean" group of a {group: {task: [...]}} file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -333,11 +303,13 @@ def load_prompts(path):
     if isinstance(data, dict) and isinstance(data.get("clean"), dict):
         data = data["clean"]  # a prompt-set file: start again from its clean group
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a non-empty {{task: [instruction, ...]}} object, got {data!r:.40}")
+        raise ValueError(f"{path}: expected a non-empty {{task: [instruction, ...]}} object, "
+                         f"got {data!r:.40}")
     for task, instructions in data.items():
         if task not in LABELS:
             raise ValueError(f"{path}: unknown task {task!r}: use one of {', '.join(LABELS)}")
-        if not isinstance(instructions, list) or not all(isinstance(s, str) and s.strip() for s in instructions):
+        if not isinstance(instructions, list) or not all(isinstance(s, str) and s.strip()
+                                                         for s in instructions):
             raise ValueError(f"{path}: task {task!r} must map to a list of non-empty instruction strings")
         for i, s in enumerate(instructions):
             if not any(re.search(rf"(?<!\w){w}(?!\w)", s, re.IGNORECASE) for w in LABELS[task]):
@@ -357,7 +329,7 @@ def first_n(prompts, tasks, n, source):
 
 
 def build_prompt_set(clean, seed=0, n=6, rates=None, semantic=None, wordnet=False, source="prompts"):
-    """`{group: {task: [instructions]}}` for every level; `semantic` ({task: [...]}) replaces our paraphrases."""
+    """{group: {task: [instructions]}} for every level; `semantic` ({task: [...]}) replaces ours."""
     clean = first_n(clean, clean, n, source)
     prompt_set = {"clean": clean}
     for level in LEVELS[1:]:
@@ -384,7 +356,7 @@ def edit_distance(a, b):
 
 
 def strength_report(prompt_set):
-    """{level: (mean changed words, mean character edit distance)}, each instruction against its clean version."""
+    """{level: (mean changed words, mean character edit distance)}, each instruction against its clean one."""
     clean, report = prompt_set["clean"], {}
     for level, tasks in prompt_set.items():
         pairs = [(a, b) for task in clean for a, b in zip(clean[task], tasks[task])]
@@ -401,20 +373,21 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=6, help="instructions per task (PromptBench uses 6)")
     for level, rate in DEFAULT_RATES.items():
         parser.add_argument(f"--{level}-rate", type=float, default=rate, help="fraction of words to change")
-    parser.add_argument("--semantic", help="your own paraphrases, {task: [instruction, ...]}, used as they are")
-    parser.add_argument("--wordnet", action="store_true", help="add WordNet synonyms (needs nltk + wordnet data)")
+    parser.add_argument("--semantic", help="your own paraphrases, {task: [instruction, ...]}, used as is")
+    parser.add_argument("--wordnet", action="store_true", help="add WordNet synonyms (nltk + wordnet data)")
     args = parser.parse_args(argv)
     try:
         semantic = load_prompts(args.semantic) if args.semantic else None
         rates = {level: getattr(args, f"{level}_rate") for level in DEFAULT_RATES}
-        prompt_set = build_prompt_set(load_prompts(args.prompts), args.seed, args.n, rates, semantic, args.wordnet,
-                                      source=args.prompts)
+        prompt_set = build_prompt_set(load_prompts(args.prompts), args.seed, args.n, rates, semantic,
+                                      args.wordnet, source=args.prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(args.out, json.dumps(prompt_set, indent=2, ensure_ascii=False) + "\n")
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     clean = [s for instructions in prompt_set["clean"].values() for s in instructions]
-    print(f"{len(clean)} instructions, {mean(len(s.split()) for s in clean):.1f} words on average; wrote {args.out}")
+    words = mean(len(s.split()) for s in clean)
+    print(f"{len(clean)} instructions, {words:.1f} words on average; wrote {args.out}")
     print(f"{'level':<12} {'changed words':>14} {'char edit distance':>19}")
     for level, (words, chars) in strength_report(prompt_set).items():
         print(f"{level:<12} {words:>14.2f} {chars:>19.2f}")

@@ -1,14 +1,14 @@
-"""prepare_data.py: making flan_coin.jsonl, the file coin.py trains on: from FLAN templates, or from the official
-CoIN CSV; and checking one.
+"""prepare_data.py: making flan_coin.jsonl, the file coin.py trains on: from FLAN templates, or from the
+official CoIN CSV; and checking one.
 
 A support module beside data.py (which defines the record and reads it). Read it after data.py.
 
-Building follows CoIN §4.1 and Appendix A. Each source row of a dataset is an anchor in turn (seeded order, at
-most --per-task). Its original uses a random template. The paraphrase uses a random *other* template with the same
-output (so the same target) that lists the options whenever the original does (same answer space). The hard
-negative is another row of the dataset rendered with the anchor's original template, with a different input and a
-different answer. Datasets are interleaved round-robin, so each gets an equal share. The official CoIN CSV pairs
-rows instead: rows 2k and 2k+1 form group k, 2k+1 being the hard negative of 2k.
+Building follows CoIN §4.1 and Appendix A. Each source row of a dataset is an anchor in turn (seeded order,
+at most --per-task). Its original uses a random template. The paraphrase uses a random *other* template with
+the same output (so the same target) that lists the options whenever the original does (same answer space).
+The hard negative is another row of the dataset rendered with the anchor's original template, with a
+different input and a different answer. Datasets are interleaved round-robin, so each gets an equal share.
+The official CoIN CSV pairs rows instead: rows 2k and 2k+1 form group k, 2k+1 being the hard negative of 2k.
 
     python prepare_data.py build --templates ../shared/flan/templates.json --source DIR --out flan_coin.jsonl
     python prepare_data.py convert --csv contrastive_flan_data.csv --out flan_coin.jsonl
@@ -34,24 +34,26 @@ from glue import FLAN_LAYOUTS, flan_row
 # -----------------------------------------------------------------------------
 # 1. Formats: FLAN's options and the official CSV
 
-OPTIONS_PREFIX = "OPTIONS:\n- "  # FLAN's {options_}: "OPTIONS:\n- a\n- b" (flan/preprocessors.py format_options)
+OPTIONS_PREFIX = "OPTIONS:\n- "  # {options_} is "OPTIONS:\n- a\n- b" (flan/preprocessors.py format_options)
 CSV_COLUMNS = ("original_instruction", "paraphrased_instruction", "targets", "task_name")  # + kwargs, unused
 
 
 def write_examples(path, examples):
     """Write examples as JSONL, atomically: never a half-written training file."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, "".join(json.dumps(asdict(example), ensure_ascii=False) + "\n" for example in examples))
+    write_atomically(path, "".join(json.dumps(asdict(example), ensure_ascii=False) + "\n"
+                                   for example in examples))
 
 
 def read_coin_csv(path):
     """The official CoIN CSV -> (examples, dropped). Rows 2k and 2k+1 form group k (2k+1 is the hard negative
-    of 2k). An odd last row has no partner: it is dropped, and dropped = 1. kwargs is informational and ignored."""
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: spreadsheet exports start with a BOM
+    of 2k). An odd last row has no partner: it is dropped (dropped = 1). kwargs (informational) is ignored."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops a spreadsheet export's BOM
         reader = csv.DictReader(f)
         missing = [column for column in CSV_COLUMNS if column not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: no column '{missing[0]}'; the CoIN CSV has {', '.join(CSV_COLUMNS)}, kwargs")
+            raise ValueError(f"{path}: no column '{missing[0]}'; "
+                             f"the CoIN CSV has {', '.join(CSV_COLUMNS)}, kwargs")
         try:
             rows = list(reader)
         except csv.Error as e:
@@ -92,8 +94,8 @@ def _patterns_from_py(path):
 
 
 def load_templates(path):
-    """dataset -> [(input_template, output_template), ...] from JSON (flat, or ../shared/flan's {"patterns": ...}
-    with provenance notes beside it) or from FLAN's templates.py."""
+    """dataset -> [(input_template, output_template), ...] from JSON (flat, or ../shared/flan's
+    {"patterns": ...} with provenance notes beside it) or from FLAN's templates.py."""
     path = Path(path)
     if path.suffix == ".py":
         patterns = _patterns_from_py(path)
@@ -109,14 +111,15 @@ def load_templates(path):
         raise ValueError(shape)
     for name, pairs in patterns.items():
         for pair in pairs if isinstance(pairs, (list, tuple)) else [None]:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(isinstance(t, str) for t in pair)):
                 raise ValueError(f"{shape}; {name!r} is not")
     return {name: [tuple(pair) for pair in pairs] for name, pairs in patterns.items()}
 
 
 def paraphrase_partners(templates):
-    """For each template, the templates its paraphrase may use: a different input text, the same output template
-    (so the same target), and {options_} whenever the original has it (the same answer space)."""
+    """For each template, the templates its paraphrase may use: a different input text, the same output
+    template (so the same target), and {options_} whenever the original has it (the same answer space)."""
     return [[j for j, (other, other_out) in enumerate(templates)
              if other != text and other_out == out and ("{options_}" in other or "{options_}" not in text)]
             for text, out in templates]
@@ -146,8 +149,9 @@ def load_source(path, dataset, templates):
             value, kind = row.get(key), "a list of strings" if key == "options" else "a string"
             if not (value and isinstance(value, list) and all(isinstance(o, str) for o in value)
                     if key == "options" else isinstance(value, str)):
-                raise ValueError(f"{where}: {dataset} template {i} uses {{{field}}} but this row's '{key}' is "
-                                 f"{'missing' if value is None else json.dumps(value)[:40]}; every row needs {kind}")
+                shown = "missing" if value is None else json.dumps(value)[:40]
+                raise ValueError(f"{where}: {dataset} template {i} uses {{{field}}} but this row's "
+                                 f"'{key}' is {shown}; every row needs {kind}")
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")
@@ -155,7 +159,7 @@ def load_source(path, dataset, templates):
 
 
 def load_sources(source_dir, templates):
-    """dataset -> FLAN rows, one <dataset>.jsonl per dataset, named as in the templates (e.g. glue_qqp.jsonl)."""
+    """dataset -> FLAN rows, one <dataset>.jsonl each, named as in the templates (e.g. glue_qqp.jsonl)."""
     paths = sorted(Path(source_dir).glob("*.jsonl"))
     if not paths:
         raise ValueError(f"{source_dir}: no <dataset>.jsonl source files")
@@ -170,8 +174,8 @@ def load_sources(source_dir, templates):
 
 
 def _hard_negative(rows, anchor, template, order, rng):
-    """Another row whose input and answer both differ under `template`, scanning a shuffled order from a random
-    start; None when there is none. NOTE: O(rows) per anchor when such rows are rare (a very skewed label)."""
+    """Another row whose input and answer both differ under `template`, scanning a shuffled order from a
+    random start; None when there is none. NOTE: O(rows) per anchor if such rows are rare (a skewed label)."""
     text, out = template
     anchor_text, anchor_out = render(text, rows[anchor]), render(out, rows[anchor])
     start = rng.randrange(len(order))
@@ -187,11 +191,10 @@ def _build_task(dataset, templates, rows, per_task, seed):
     partners = paraphrase_partners(templates)
     usable = [i for i, p in enumerate(partners) if p]
     if not usable:
-        raise ValueError(f"{dataset}: no template has a paraphrase partner (another template with the same output, "
-                         "listing options if the first one does)")
-    # One answer for every row under an output template: no anchor can have a hard negative, skip the O(n^2) scan.
+        raise ValueError(f"{dataset}: no template has a paraphrase partner (another template with the "
+                         "same output, listing options if the first one does)")
     varied = {out: any(render(out, row) != render(out, rows[0]) for row in rows)
-              for out in {templates[i][1] for i in usable}}
+              for out in {templates[i][1] for i in usable}}  # False: one answer for all rows, no O(n^2) scan
     rng = random.Random(f"{seed}:{dataset}")  # a str seed is hashed with sha512: the same in every process
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -213,12 +216,12 @@ def _build_task(dataset, templates, rows, per_task, seed):
 
 
 def build_examples(templates, sources, per_task=None, seed=0):
-    """Examples from dataset -> FLAN rows, interleaved round-robin over datasets (sorted by name).
-    Returns (examples, skipped): skipped[dataset] counts anchors with no hard negative. Deterministic per seed."""
+    """Examples from dataset -> FLAN rows, interleaved round-robin over datasets (sorted by name). Returns
+    (examples, skipped): skipped[dataset] counts anchors with no hard negative. Deterministic per seed."""
     built = {dataset: _build_task(dataset, templates[dataset], rows, per_task, seed)
              for dataset, rows in sorted(sources.items())}
     examples = []
-    for one_round in zip_longest(*(groups for groups, _ in built.values())):  # a group of each dataset, or None
+    for one_round in zip_longest(*(groups for groups, _ in built.values())):  # a group per dataset, or None
         for group in filter(None, one_round):
             examples += group
     return examples, {dataset: skipped for dataset, (_, skipped) in built.items()}
@@ -253,7 +256,8 @@ def convert(args):
 
 def build(args):
     templates = load_templates(args.templates)
-    examples, skipped = build_examples(templates, load_sources(args.source, templates), args.per_task, args.seed)
+    sources = load_sources(args.source, templates)
+    examples, skipped = build_examples(templates, sources, args.per_task, args.seed)
     write_examples(args.out, examples)
     print(table3(examples, skipped))
     print(f"wrote {len(examples)} examples to {args.out}")
@@ -273,10 +277,12 @@ def main(argv=None):
     sub.add_argument("--out", required=True)
     sub.set_defaults(run=convert)
     sub = commands.add_parser("build", help="build from FLAN templates and source rows")
-    sub.add_argument("--templates", required=True, help="templates.json, or FLAN's templates.py (parsed, not run)")
+    sub.add_argument("--templates", required=True,
+                     help="templates.json, or FLAN's templates.py (parsed, not run)")
     sub.add_argument("--source", required=True, help="directory of <dataset>.jsonl source rows")
     sub.add_argument("--out", required=True)
-    sub.add_argument("--per-task", type=int, default=None, help="groups per dataset (default: every row once)")
+    sub.add_argument("--per-task", type=int, default=None,
+                     help="groups per dataset (default: every row once)")
     sub.add_argument("--seed", type=int, default=0)
     sub.set_defaults(run=build)
     sub = commands.add_parser("check", help="validate a training file and print its counts")

@@ -5,8 +5,8 @@ A support module, read after evaluate.py. evaluate.py computes results.json; thi
     render_tables    table.md: Table 2 (groups x tasks, mean ± std over prompts), Table 1 (categories),
                      consistency and invalid answers
     compare_tables   B - A for every task x group two results dirs share
-    hidden_report    paper §5.1, Fig. 4: how close each perturbed group's last-token hidden states stay to clean
-                     ones, and a 2-D PCA of them (hidden_pca.png when matplotlib is installed)
+    hidden_report    paper §5.1, Fig. 4: how close each perturbed group's last-token hidden states stay to
+                     clean ones, and a 2-D PCA of them (hidden_pca.png when matplotlib is installed)
 
     python report.py out/results                    # print a results dir's tables
     python report.py runs/alpaca out/results        # print out/results - runs/alpaca
@@ -36,7 +36,8 @@ def markdown_table(header, rows):
 
 
 def group_rows(results, cell, average=None):
-    """A row per group: its name, a cell per task ("-" where not evaluated), then `average(group)` if given."""
+    """A row per group: its name, a cell per task ("-" where not evaluated),
+    then `average(group)` if given."""
     summary, rows = results["summary"], []
     tasks = [t for t in TASKS if t in summary]
     for g in results["averages"]["by_group"]:
@@ -56,11 +57,13 @@ def render_tables(results):
         return f"{mean(s['mean'] for s in stats):.1f} ± {mean(s['std'] for s in stats):.1f}"
     table2 = group_rows(results, lambda t, g: f"{summary[t][g]['mean']:.1f} ± {summary[t][g]['std']:.1f}",
                         row_average)
-    table1 = [[g] + [f"{by_category[g][c]:.1f}" if c in by_category[g] else "-" for c in cats] for g in groups]
+    table1 = [[g] + [f"{by_category[g][c]:.1f}" if c in by_category[g] else "-" for c in cats]
+              for g in groups]
     consistency = group_rows(results, lambda t, g: f"{results['consistency'][t][g]:.1f}")
     invalid = group_rows(results, lambda t, g: f"{summary[t][g]['invalid_rate']:.1f}")
     return "\n".join([
-        f"# Results ({results['protocol']['mode']}): accuracy in %, mean ± population std over a group's prompts",
+        f"# Results ({results['protocol']['mode']}): accuracy in %, "
+        "mean ± population std over a group's prompts",
         "", "## Table 2: groups x tasks", "", markdown_table(["group", *tasks, "Average"], table2),
         "Average: the mean of the row's task means ± the mean of their stds.", "",
         "## Table 1: task categories", "", markdown_table(["group", *cats], table1),
@@ -97,12 +100,14 @@ def compare_tables(dir_a, dir_b):
 
 @torch.no_grad()
 def last_token_states(model, tokenizer, texts, batch_size):
-    """(N, D) fp32: the final-norm hidden state at each text's last token, the one that predicts the answer."""
+    """(N, D) fp32: the final-norm hidden state at each text's last token,
+    the one that predicts the answer."""
     states, device = [], model.lm_head.weight.device
     for start in range(0, len(texts), batch_size):
         ids = [tokenizer.encode(t, bos=True) for t in texts[start:start + batch_size]]
         width = max(map(len, ids))
-        padded = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in ids], device=device)  # (B, T)
+        padded = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in ids],
+                              device=device)  # (B, T)
         hidden = model.hidden_states(padded)  # (B, T, D); right padding needs no mask
         last = torch.tensor([len(x) - 1 for x in ids], device=device)  # (B,)
         states.append(pool_last_token(hidden, last).float().cpu())
@@ -110,7 +115,8 @@ def last_token_states(model, tokenizer, texts, batch_size):
 
 
 def pca_2d(states):
-    """{group: [[x, y], ...]} on the two leading principal axes of all groups' states, and their variance shares."""
+    """{group: [[x, y], ...]} on the two leading principal axes of all groups' states,
+    and their variance shares."""
     flat = torch.cat([s.flatten(0, 1) for s in states.values()]).double().numpy()  # (sum of Q*N, D)
     centred = flat - flat.mean(0)
     _, sv, vt = np.linalg.svd(centred, full_matrices=False)
@@ -146,13 +152,14 @@ def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir
     """
     states = {}  # group -> (Q, N, D)
     for g, group_texts in texts.items():
-        states[g] = last_token_states(model, tokenizer, group_texts, batch_size).view(-1, n_examples, model.args.dim)
+        flat = last_token_states(model, tokenizer, group_texts, batch_size)
+        states[g] = flat.view(-1, n_examples, model.args.dim)
     clean = states["clean"]
     cosine = {g: F.cosine_similarity(s[:len(clean)], clean[:len(s)], dim=-1).mean().item()  # (Q, N) -> mean
               for g, s in states.items() if g != "clean"}  # prompts beyond the shorter group have no partner
     pca, explained = pca_2d(states)
-    report = dict(task=task, examples=n_examples, state="final norm, last input token", cosine_to_clean=cosine,
-                  pca_explained_variance=explained, pca=pca)
+    report = dict(task=task, examples=n_examples, state="final norm, last input token",
+                  cosine_to_clean=cosine, pca_explained_variance=explained, pca=pca)
     write_atomically(out_dir / "hidden_report.json", json.dumps(report))
     return report, save_scatter(pca, f"{task}: last-token hidden states", out_dir / "hidden_pca.png")
 
@@ -162,12 +169,14 @@ def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print evaluate.py's tables, or compare two results dirs.")
-    parser.add_argument("dirs", nargs="+", metavar="RESULTS_DIR", help="one dir: its tables; two (A B): B - A")
+    parser.add_argument("dirs", nargs="+", metavar="RESULTS_DIR",
+                        help="one dir: its tables; two (A B): B - A")
     opts = parser.parse_args(argv)
     if len(opts.dirs) > 2:
         parser.error("give one results dir, or two to compare")
     try:
-        print(render_tables(read_results(opts.dirs[0])) if len(opts.dirs) == 1 else compare_tables(*opts.dirs))
+        print(render_tables(read_results(opts.dirs[0])) if len(opts.dirs) == 1
+              else compare_tables(*opts.dirs))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -1,10 +1,12 @@
-"""tiny_base.py: the base model of the CPU quickstart: a tiny random LLaMA and a tokenizer trained on the data.
+"""tiny_base.py: the base model of the CPU quickstart:
+a tiny random LLaMA and a tokenizer trained on the data.
 
-A support module: `python coin.py --tiny` calls it when no --base is given, so the whole pipeline runs on a laptop
-with no download. It writes a HF directory (config.json, model.safetensors, tokenizer.model) that the rest of
-coin loads like any downloaded model. Read it after coin.py.
+A support module: `python coin.py --tiny` calls it when no --base is given, so the whole pipeline runs on a
+laptop with no download. It writes a HF directory (config.json, model.safetensors, tokenizer.model) that the
+rest of coin loads like any downloaded model. Read it after coin.py.
 
-A random model learns little in a few minutes, so with this base the pipeline runs but the scores mean nothing.
+A random model learns little in a few minutes, so with this base the pipeline runs
+but the scores mean nothing.
 """
 import io
 import os
@@ -25,8 +27,9 @@ def train_tokenizer(texts, vocab_size):
     model_bytes = io.BytesIO()
     spm.SentencePieceTrainer.train(  # byte fallback, digits split, no normalising: as LLaMA's tokenizer
         sentence_iterator=iter(texts), model_writer=model_bytes, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
     return model_bytes.getvalue()
 
 

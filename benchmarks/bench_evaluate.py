@@ -5,8 +5,8 @@ sst2-like inputs of about 80 tokens from the real LLaMA tokenizer, and decode gr
 
   peer  transformers LlamaForCausalLM.generate, one example at a time, as PromptBench's loop calls it
   ours  evaluate.generate_batched: --batch-size inputs of similar length per model.generate call, left-padded,
-        a KV cache, a prefill that computes the last position's logits only, and the batch's common prefix (the
-        instruction, about 30 of the 80 tokens) computed once and shared
+        a KV cache, a prefill that computes the last position's logits only, and the batch's common prefix
+        (the instruction, about 30 of the 80 tokens) computed once and shared
 
 Targets: ours >= 3x the peer on a CPU, >= 20x on a GPU. The script also counts the examples whose new tokens
 are identical on both sides (all of them in fp32, barring exact near-ties).
@@ -37,7 +37,8 @@ TARGET_TOKENS, MAX_NEW_TOKENS = 80, 7  # input length of the issue's setup; the 
 
 
 def sst2_like_inputs(tokenizer, n):
-    """n token-id inputs: a shipped sst2 instruction + review sentences of the demo set, about 80 tokens each."""
+    """n token-id inputs: a shipped sst2 instruction + review sentences of the demo set,
+    about 80 tokens each."""
     instruction = json.loads((ROOT / "prompts" / "perturbed.json").read_text())["clean"]["sst2"][0]
     sentences = [ex["content"] for ex in load_task("sst2", ROOT / "examples" / "glue_demo")]
     inputs = []
@@ -65,8 +66,8 @@ def run_peer(hf, inputs, eos_id, pad_id):
     outputs = []
     for ids in inputs:
         x = torch.tensor([ids], device=hf.device)
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                          eos_token_id=eos_id, pad_token_id=pad_id)[0, len(ids):].tolist()
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW_TOKENS,
+                          do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)[0, len(ids):].tolist()
         outputs.append(out[:out.index(eos_id) + 1] if eos_id in out else out)
     return outputs
 
@@ -98,8 +99,8 @@ def main():
     run_peer(peer, inputs[:2], eos, pad)  # warm-up: kernels, allocator, lazy inits
     generate_batched(ours, inputs[:args.batch_size], args.batch_size, MAX_NEW_TOKENS, eos, pad)
     with torch.no_grad():
-        mine, t_ours = timed(lambda: generate_batched(ours, inputs, args.batch_size, MAX_NEW_TOKENS, eos, pad),
-                             args.device)
+        mine, t_ours = timed(lambda: generate_batched(ours, inputs, args.batch_size,
+                                                      MAX_NEW_TOKENS, eos, pad), args.device)
         theirs, t_peer = timed(lambda: run_peer(peer, inputs, eos, pad), args.device)
     for name, t in (("transformers generate, 1 at a time", t_peer),
                     (f"evaluate.py, batches of {args.batch_size}", t_ours)):

@@ -4,9 +4,9 @@ Both sides get the same random weights (a "small" LLaMA: D 768, 12 layers, 12 he
 base weights, fp32 LoRA r=16 on q,k,v,o, AdamW, and the same batch of 4 x 256 tokens. Two workloads:
 
   lm    every token supervised: the same FLOPs on both sides, so the ratio measures overhead (target >= 0.95x)
-  coin  only the last 8 tokens of each row supervised, as with CoIN's short answers. The peer computes its loss
-        the usual HF way (labels -100 elsewhere, full-vocabulary logits everywhere); we compute logits only
-        where a label is supervised (target >= 1.15x with gradient checkpointing on)
+  coin  only the last 8 tokens of each row supervised, as with CoIN's short answers. The peer computes its
+        loss the usual HF way (labels -100 elsewhere, full-vocabulary logits everywhere); we compute logits
+        only where a label is supervised (target >= 1.15x with gradient checkpointing on)
 
 It also reports the fraction of this device's measured bf16 and fp32 matmul peak that each step reaches,
 counting 2N FLOPs per token forward, 2N backward (the frozen weights' input gradients) and 2N again for the
@@ -131,7 +131,8 @@ def main():
         supervised = int((labels[:, 1:] != -100).sum())
         for checkpointing in (False, True):
             set_checkpointing(ours, peer, checkpointing)
-            t_ours, t_peer = time_steps([(ours, our_loss), (peer, peer_loss)], ids, labels, opts.steps, opts.device)
+            t_ours, t_peer = time_steps([(ours, our_loss), (peer, peer_loss)],
+                                        ids, labels, opts.steps, opts.device)
             achieved = step_flops(supervised, checkpointing) / t_ours
             print(f"{workload:<8}{'on' if checkpointing else 'off':<6}{BATCH * SEQ_LEN / t_ours:>12.0f}"
                   f"{BATCH * SEQ_LEN / t_peer:>12.0f}{t_peer / t_ours:>7.2f}x"

@@ -10,7 +10,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def shared(*parts):
-    """A path under ../shared, or a skip that says why (the folder sits beside the repo for developers and CI)."""
+    """A path under ../shared, or a skip that says why
+    (the folder sits beside the repo for developers and CI)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} is absent: these tests need the ../shared folder beside the repo")

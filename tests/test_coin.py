@@ -54,7 +54,8 @@ def test_the_other_rows_of_the_micro_batch_are_the_negatives():
     paraphrases = originals + 0.1 * torch.randn(4, 8)  # each paraphrase close to its own original
     easy = coin.info_nce(originals, paraphrases, 0.05)
     # A hard negative: example 1 now looks like example 0 in both views, so each is confused with the other.
-    originals[1], paraphrases[1] = originals[0] + 0.05 * torch.randn(8), paraphrases[0] + 0.05 * torch.randn(8)
+    originals[1], paraphrases[1] = (originals[0] + 0.05 * torch.randn(8),
+                                    paraphrases[0] + 0.05 * torch.randn(8))
     assert coin.info_nce(originals, paraphrases, 0.05) > easy + 0.25
 
 
@@ -111,7 +112,8 @@ def test_ce_on_supervised_positions_equals_full_vocabulary_ce(stories):
     with torch.no_grad():
         ours = coin.supervised_ce_sum(model, model.hidden_states(batch["input_ids"]), batch["labels"])
         logits = model(batch["input_ids"])  # (2B, T, V): the usual way, every position
-        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               reduction="sum")
     assert math.isclose(ours.item(), full.item(), rel_tol=1e-5)
 
 
@@ -166,7 +168,8 @@ def test_the_adapter_loads_in_peft_with_equal_logits(tmp_path, stories_dir):
     assert json.loads((out / "config.json").read_text())["base"] == str(stories_dir.resolve())
     ours = load_model(stories_dir)
     load_adapter(ours, out)
-    theirs = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(stories_dir), out).eval()
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(stories_dir)
+    theirs = peft.PeftModel.from_pretrained(hf_base, out).eval()
     ids = torch.tensor([[1, 403, 407, 261, 378, 432, 383]])
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
@@ -174,7 +177,8 @@ def test_the_adapter_loads_in_peft_with_equal_logits(tmp_path, stories_dir):
 
 def test_no_contrastive_trains_on_the_generation_loss_alone(tmp_path, stories_dir):
     records = metrics(run(tmp_path, stories_dir, "--no-contrastive"))
-    assert all(r["ctr"] == 0.0 and r["weight"] == 0.0 and r["loss"] == pytest.approx(r["gen"]) for r in records)
+    assert all(r["ctr"] == 0.0 and r["weight"] == 0.0 and r["loss"] == pytest.approx(r["gen"])
+               for r in records)
 
 
 def interrupt_after(monkeypatch, step):
@@ -204,7 +208,8 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, stor
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, stories_dir, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, stories_dir,
+                                                                             monkeypatch):
     real_loss, calls = coin.micro_batch_loss, []
 
     def nan_on_step_two(*args):
@@ -226,7 +231,8 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, stories_dir):
     assert (out / "adapter_model.safetensors").read_bytes() == before
     run(tmp_path, stories_dir, "--seed", "1", "--overwrite", "--max-steps", "2")
     assert (out / "adapter_model.safetensors").read_bytes() != before
-    assert [r["step"] for r in metrics(out)] == [1, 2] and sorted(out.glob("checkpoint-*"))[-1].name.endswith("2")
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == [1, 2] and sorted(out.glob("checkpoint-*"))[-1].name.endswith("2")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -262,14 +268,15 @@ def test_an_adapter_for_another_base_is_refused_before_writing(tmp_path, stories
 
 def test_continuing_an_adapter_starts_from_its_weights(tmp_path, stories_dir):
     first = run(tmp_path, stories_dir, "--max-steps", "2", out="first")
-    cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first), "--dtype", "fp32",
-                             "--lora-r", "4", "--device", "cpu"])
+    cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first),
+                             "--dtype", "fp32", "--lora-r", "4", "--device", "cpu"])
     model, _, lora = coin.build_model(cfg, "cpu", torch.float32)
     _, saved = read_adapter_tensors(first)
     current = lora_state_dict(model)
-    assert all(torch.equal(current[k], saved[k]) for k in saved) and lora["lora_r"] == 16  # the adapter's r wins
-    cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first), "--merge-adapter",
-                             "--device", "cpu"])
+    # the adapter's r wins
+    assert all(torch.equal(current[k], saved[k]) for k in saved) and lora["lora_r"] == 16
+    cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first),
+                             "--merge-adapter", "--device", "cpu"])
     merged, _, _ = coin.build_model(cfg, "cpu", torch.float32)
     assert all(not p.any() for n, p in lora_state_dict(merged).items() if "lora_B" in n)  # a fresh LoRA
     plain = load_model(stories_dir)
@@ -279,8 +286,8 @@ def test_continuing_an_adapter_starts_from_its_weights(tmp_path, stories_dir):
 
 def test_the_tiny_default_builds_its_own_base_and_tokenizer(tmp_path):
     out = tmp_path / "out"
-    coin.main(["--data", DEMO, "--tiny", "--out", str(out), "--dtype", "fp32", "--device", "cpu", "--max-steps", "2",
-               "--batch-size", "8", "--micro-batch-size", "4"])
+    coin.main(["--data", DEMO, "--tiny", "--out", str(out), "--dtype", "fp32", "--device", "cpu",
+               "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4"])
     config = json.loads((out / "config.json").read_text())
     assert config["base"] == str((out / "base").resolve()) and config["tiny"]
     tokenizer = load_tokenizer(out / "base")  # checked against the bundled config's vocab_size
@@ -288,8 +295,8 @@ def test_the_tiny_default_builds_its_own_base_and_tokenizer(tmp_path):
     model = load_model(out / "base")
     load_adapter(model, out)
     first_tokenizer = (out / "base" / "tokenizer.model").read_bytes()
-    coin.main(["--out", str(out), "--overwrite", "--data", DEMO, "--tiny", "--dtype", "fp32", "--device", "cpu",
-               "--max-steps", "1", "--batch-size", "8", "--micro-batch-size", "4"])
+    coin.main(["--out", str(out), "--overwrite", "--data", DEMO, "--tiny", "--dtype", "fp32",
+               "--device", "cpu", "--max-steps", "1", "--batch-size", "8", "--micro-batch-size", "4"])
     assert (out / "base" / "tokenizer.model").read_bytes() == first_tokenizer  # deterministic
 
 

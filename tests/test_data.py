@@ -66,7 +66,8 @@ def test_each_bad_line_is_reported_with_its_line_number(tmp_path, bad, reason):
     with pytest.raises(ValueError, match=rf"^{first}\n{re.escape(str(path))}:3: {reason}"):
         data.load_examples(path)
     examples, problems = data.load_examples(path, skip_bad=True)
-    assert [e.id for e in examples] == ["a", "b"] and len(problems) == 1 and problems[0].startswith(f"{path}:3: ")
+    assert [e.id for e in examples] == ["a", "b"]
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:3: ")
 
 
 def test_report_lists_the_first_20_bad_lines(tmp_path):
@@ -101,7 +102,8 @@ def test_first_supervised_label_is_the_start_of_the_target(tok, prompt):
     assert input_ids[:first] == tok.encode(prompt)  # BOS + prompt, all masked
     assert labels[first:] == input_ids[first:] == tok.encode("positive", bos=False, eos=True)
     assert tok.decode([labels[first]]).strip() and "positive".startswith(tok.decode([labels[first]]).strip())
-    if prompt.endswith(" "):  # why we concatenate: re-tokenizing merges the space into the target's first piece
+    # why we concatenate: re-tokenizing merges the space into the target's first piece
+    if prompt.endswith(" "):
         assert tok.encode(prompt + "positive")[:first] != tok.encode(prompt)
 
 
@@ -112,22 +114,26 @@ def test_eos_can_be_switched_off(tok):
 
 
 def test_cutoff_cuts_the_middle_of_the_prompt_never_the_target(tok):
-    prompt = "Read the passage. " + "The river runs past the mill. " * 40 + "OPTIONS:\n- yes\n- no\n\n### Response:\n"
+    prompt = ("Read the passage. " + "The river runs past the mill. " * 40
+              + "OPTIONS:\n- yes\n- no\n\n### Response:\n")
     target = "yes, the mill stands by the river"
     prompt_ids, target_ids = tok.encode(prompt, bos=False), tok.encode(target, bos=False, eos=True)
     input_ids, labels = data.tokenize_view(tok, prompt, target, cutoff=40)
     room = 40 - 1 - len(target_ids)
     assert len(input_ids) == 40 and input_ids[0] == tok.bos_id
     assert input_ids[1:1 + room // 2] == prompt_ids[:room // 2]  # the task words at the start stay
-    assert input_ids[1 + room // 2:1 + room] == prompt_ids[-(room - room // 2):]  # options + response marker stay
+    # options + response marker stay
+    assert input_ids[1 + room // 2:1 + room] == prompt_ids[-(room - room // 2):]
     assert input_ids[-len(target_ids):] == labels[-len(target_ids):] == target_ids
     assert data.tokenize_view(tok, prompt, target, cutoff=len(target_ids) + 1) is None  # no room for a prompt
 
 
 def test_dataset_drops_examples_that_cannot_fit_and_their_lone_partners(tok):
     long = "a very long answer " * 30
-    examples = [Example("a", "t", "Q a?", "Ask a?", "yes", "g"), Example("b", "t", "Q b?", "Ask b?", "no", "g"),
-                Example("c", "t", "Q c?", "Ask c?", "yes", "h"), Example("d", "t", "Q d?", "Ask d?", long, "h"),
+    examples = [Example("a", "t", "Q a?", "Ask a?", "yes", "g"),
+                Example("b", "t", "Q b?", "Ask b?", "no", "g"),
+                Example("c", "t", "Q c?", "Ask c?", "yes", "h"),
+                Example("d", "t", "Q d?", "Ask d?", long, "h"),
                 Example("e", "t", "Q e?", "Ask e?", long, "k")]
     dataset = data.ContrastiveDataset(examples, tok, cutoff=64)
     assert (dataset.dropped, dataset.orphans, len(dataset), dataset.groups) == (2, 1, 2, [[0, 1]])
@@ -189,7 +195,8 @@ def test_collate_stacks_originals_then_paraphrases_right_padded(tok):
             n = len(input_ids)
             assert batch["input_ids"][row, :n].tolist() == input_ids.tolist()
             assert batch["labels"][row, :n].tolist() == labels.tolist()
-            assert (batch["input_ids"][row, n:] == tok.pad_id).all() and (batch["labels"][row, n:] == -100).all()
+            assert (batch["input_ids"][row, n:] == tok.pad_id).all()
+            assert (batch["labels"][row, n:] == -100).all()
             assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
             assert batch["last_index"][row] == n - 1 and batch["input_ids"][row, n - 1] == tok.eos_id
     assert all(t.dtype == torch.long for k, t in batch.items() if k != "ids")

@@ -1,7 +1,7 @@
 """Tests for evaluate.py: parsing, samples, batching, rank scoring, outputs, resume and errors.
 
-End-to-end runs use the real tiny model ../shared/models/stories260K with a random LoRA adapter, the demo data in
-examples/glue_demo and a small prompt file, so each takes about a second on a CPU.
+End-to-end runs use the real tiny model ../shared/models/stories260K with a random LoRA adapter, the demo data
+in examples/glue_demo and a small prompt file, so each takes about a second on a CPU.
 """
 import json
 import os
@@ -23,11 +23,14 @@ from model import apply_lora, generate
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "glue_demo"
 PROMPTS = {  # two groups, two instructions per task; mnli's serve mnli_matched and mnli_mismatched
-    "clean": {"sst2": ["Is this review 'positive' or 'negative'?", "Classify the tone: 'positive' or 'negative'."],
+    "clean": {"sst2": ["Is this review 'positive' or 'negative'?",
+                       "Classify the tone: 'positive' or 'negative'."],
               "rte": ["Answer 'entailment' or 'not_entailment'.", "Does sentence 1 entail sentence 2?"],
               "mnli": ["Answer 'entailment', 'neutral' or 'contradiction'."]},
-    "checklist": {"sst2": ["Is this review 'positive' or 'negative'? Xq3TtV0pLm", "Classify the tone Ab12Cd34Ef:"],
-                  "rte": ["Answer 'entailment' or 'not_entailment'. zz91KKq0aa", "Does sentence 1 entail it? K"],
+    "checklist": {"sst2": ["Is this review 'positive' or 'negative'? Xq3TtV0pLm",
+                           "Classify the tone Ab12Cd34Ef:"],
+                  "rte": ["Answer 'entailment' or 'not_entailment'. zz91KKq0aa",
+                          "Does sentence 1 entail it? K"],
                   "mnli": ["Answer 'entailment', 'neutral' or 'contradiction'. 0aB1cD2eF3"]},
 }
 
@@ -98,7 +101,8 @@ def test_samples_are_stable_across_processes_and_independent_of_other_tasks(tmp_
     here = evaluate.draw_indices("rte", 1000, 300, 0)
     code = "import evaluate; print(evaluate.draw_indices('rte', 1000, 300, 0))"
     env = dict(os.environ, PYTHONHASHSEED="123")  # hash() would differ; the string-seeded RNG must not
-    there = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    there = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           check=True)
     assert json.loads(there.stdout) == here
     assert len(here) == len(set(here)) == 300 and here == sorted(here)
     assert evaluate.draw_indices("rte", 20, 300, 0) == list(range(20))  # min(300, size)
@@ -117,7 +121,8 @@ def test_samples_are_stable_across_processes_and_independent_of_other_tasks(tmp_
 
 
 def test_inputs_in_the_paper_and_training_formats():
-    assert evaluate.build_input("Classify it: ", "a fine film", "paper") == "Classify it: a fine film ### Response:"
+    paper = evaluate.build_input("Classify it: ", "a fine film", "paper")
+    assert paper == "Classify it: a fine film ### Response:"
     assert evaluate.build_input("Classify it:", "a fine film", "train") == \
         "Classify it: a fine film\n\n### Response:\n"
 
@@ -127,7 +132,8 @@ def test_mnli_instructions_serve_its_parts_and_bad_prompt_files_are_refused(tmp_
     shipped = evaluate.load_prompt_set(evaluate.DEFAULT_PROMPTS)
     assert set(shipped) == set(perturb.LEVELS)
     assert len(evaluate.plan_cells(shipped, TASKS, list(shipped))) == 10 * 5 * 6
-    for bad in ({"clean": ["a list, not a dict of tasks"]}, {"clean": {"sst2": []}}, {"clean": {"sst2": [3]}}, []):
+    for bad in ({"clean": ["a list, not a dict of tasks"]}, {"clean": {"sst2": []}}, {"clean": {"sst2": [3]}},
+                []):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="expected {group: {task: "):
             evaluate.load_prompt_set(tmp_path / "bad.json")
@@ -143,7 +149,8 @@ def test_batched_generation_matches_one_at_a_time_token_for_token(stories_dir):
     prompts = [tok.encode(evaluate.build_input(PROMPTS["clean"]["rte"][0], ex["content"])) for ex in examples]
     prompts.append(tok.encode("A different instruction: no shared prefix beyond BOS"))
     assert len({len(p) for p in prompts}) > 6  # lengths differ, so batches are left-padded
-    reference = [generate(model, [p], 7, tok.eos_id, tok.pad_id)[0] for p in prompts]  # model.py, one at a time
+    # the reference: model.py, one prompt at a time
+    reference = [generate(model, [p], 7, tok.eos_id, tok.pad_id)[0] for p in prompts]
     for batch_size in (1, 4, 13):  # 13: one batch, whose common prefix is BOS alone
         assert evaluate.generate_batched(model, prompts, batch_size, 7, tok.eos_id, tok.pad_id) == reference
     assert all(len(new) == 7 or new[-1] == tok.eos_id for new in reference)
@@ -218,7 +225,8 @@ def test_resume_recomputes_only_unfinished_cells(ckpt, prompts, monkeypatch):
 def test_rank_mode_is_reported_separately_and_never_invalid(ckpt, prompts):
     run_main(ckpt, prompts, "--mode", "rank", tasks="mnli")
     results = json.loads((ckpt / "results_rank" / "results.json").read_text())
-    assert results["protocol"]["mode"] == "rank" and "rank" in (ckpt / "results_rank" / "table.md").read_text()
+    table = (ckpt / "results_rank" / "table.md").read_text()
+    assert results["protocol"]["mode"] == "rank" and "rank" in table
     preds = read_predictions(ckpt / "results_rank")
     assert len(preds) == 2 * 1 * 3 and all(p["pred"] in LABELS["mnli"] for p in preds)
     assert all(p["pred"] == max(p["raw"], key=p["raw"].get) for p in preds)
@@ -228,7 +236,8 @@ def test_rank_mode_is_reported_separately_and_never_invalid(ckpt, prompts):
 def test_hidden_report_pairs_each_group_with_clean(ckpt, prompts):
     run_main(ckpt, prompts, "--hidden-report", "sst2", tasks="all")
     report = json.loads((ckpt / "results" / "hidden_report.json").read_text())
-    assert set(report["cosine_to_clean"]) == {"checklist"} and -1 <= report["cosine_to_clean"]["checklist"] <= 1
+    cosine = report["cosine_to_clean"]
+    assert set(cosine) == {"checklist"} and -1 <= cosine["checklist"] <= 1
     assert {g: len(xy) for g, xy in report["pca"].items()} == {"clean": 2 * 3, "checklist": 2 * 3}
     assert 0 < sum(report["pca_explained_variance"]) <= 1
 
@@ -239,7 +248,8 @@ def test_hidden_report_pairs_each_group_with_clean(ckpt, prompts):
 
 def records_for(cells, answers):
     """{cell key: records} from {cell key: [(pred, gold), ...]}."""
-    return {k: [dict(task=cells[k][0], group=cells[k][1], prompt_index=cells[k][2], idx=i, raw="", pred=p, gold=g)
+    return {k: [dict(task=cells[k][0], group=cells[k][1], prompt_index=cells[k][2], idx=i, raw="", pred=p,
+                     gold=g)
                 for i, (p, g) in enumerate(answers[k])] for k in cells}
 
 
@@ -251,7 +261,8 @@ def test_summary_means_population_std_consistency_and_categories():
                "rte/clean/0": [("entailment", "entailment"), ("entailment", "entailment")]}  # 100%
     results = evaluate.summarize(cells, records_for(cells, answers), {"mode": "generate"})
     assert results["summary"]["sst2"]["clean"] == dict(mean=50.0, std=0.0, prompts=2, invalid_rate=25.0)
-    assert results["consistency"]["sst2"]["clean"] == 50.0  # example 0 agrees under both prompts, example 1 not
+    # example 0 agrees under both prompts, example 1 not
+    assert results["consistency"]["sst2"]["clean"] == 50.0
     assert results["averages"]["by_category"]["clean"] == {"Sentiment": 50.0, "NLI": 100.0}
     assert results["averages"]["overall"] == 75.0
     answers["sst2/clean/1"] = [("negative", "positive")] * 2  # 0%: std over prompts is 25 (population)
@@ -280,7 +291,8 @@ def test_bad_input_gives_a_one_line_error(ckpt, prompts, tmp_path):
         (["--ckpt", str(ckpt), "--prompts", str(prompts), "--tasks", "cola"], "no instructions for cola"),
         ([*sst2, "--glue-dir", str(tmp_path / "test_split")], "no label (-1): test splits have none"),
         ([*sst2, "--glue-dir", str(tmp_path)], "no sst2.jsonl nor SST-2/dev.tsv"),
-        (["--base", str(tmp_path / "nowhere"), "--prompts", str(prompts), "--tasks", "sst2", "--glue-dir", str(DEMO)],
+        (["--base", str(tmp_path / "nowhere"), "--prompts", str(prompts), "--tasks", "sst2",
+          "--glue-dir", str(DEMO)],
          "not found"),
         ([], "give --ckpt OUT_DIR, or --base"),
         (["--ckpt", str(ckpt), "--samples", "0"], "must be at least 1"),

@@ -23,5 +23,5 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_jsonl_lines_keep_their_numbers_and_errors_are_yielded(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n\n{oops\n[2]\n')
-    assert list(read_jsonl(path)) == [(1, {"a": 1}, None), (3, None, "Expecting property name enclosed in double "
-                                                                     "quotes at column 2"), (4, [2], None)]
+    error = "Expecting property name enclosed in double quotes at column 2"
+    assert list(read_jsonl(path)) == [(1, {"a": 1}, None), (3, None, error), (4, [2], None)]

@@ -24,8 +24,10 @@ GLUE_FILES = {  # the GLUE download script's layout: a header row except for CoL
     "SST-2/dev.tsv": "sentence\tlabel\na fine film \t1\na \"dull\" one\t0\n",
     "MRPC/dev.tsv": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA b.\tB a.\n0\t3\t4\tC.\tD.\n",
     "QQP/dev.tsv": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n7\t1\t2\tWhy?\tHow?\t0\n",
-    "MNLI/dev_matched.tsv": "index\tsentence1\tsentence2\tlabel1\tgold_label\n0\tP1.\tH1.\tneutral\tneutral\n",
-    "MNLI/dev_mismatched.tsv": "index\tsentence1\tsentence2\tlabel1\tgold_label\n0\tP2.\tH2.\tx\tcontradiction\n",
+    "MNLI/dev_matched.tsv": "index\tsentence1\tsentence2\tlabel1\tgold_label\n"
+                            "0\tP1.\tH1.\tneutral\tneutral\n",
+    "MNLI/dev_mismatched.tsv": "index\tsentence1\tsentence2\tlabel1\tgold_label\n"
+                               "0\tP2.\tH2.\tx\tcontradiction\n",
     "QNLI/dev.tsv": "index\tquestion\tsentence\tlabel\n0\tWho?\tHe did.\tentailment\n",
     "RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tS1.\tS2.\tnot_entailment\n",
     "WNLI/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tIt fell.\tThe cup fell.\t1\n",

@@ -74,8 +74,10 @@ def test_our_adapter_loads_in_peft_with_no_missing_or_unexpected_keys(tmp_path, 
     save_adapter(ours, tmp_path / "adapter")
     assert not list((tmp_path / "adapter").glob("*.tmp"))  # written atomically
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 4, 8, 0.05)
-    assert sorted(config["target_modules"]) == sorted(TARGETS) and config["base_model_name_or_path"] == str(base_dir)
+    assert ((config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"])
+            == ("LORA", 4, 8, 0.05))
+    assert (sorted(config["target_modules"]) == sorted(TARGETS)
+            and config["base_model_name_or_path"] == str(base_dir))
     peft_model = peft.get_peft_model(hf_base(base_dir), peft.LoraConfig.from_pretrained(tmp_path / "adapter"))
     result = peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(tmp_path / "adapter"))
     assert result.unexpected_keys == []
@@ -87,16 +89,18 @@ def test_our_adapter_loads_in_peft_with_no_missing_or_unexpected_keys(tmp_path, 
 
 
 def test_legacy_alpaca_lora_bin_and_config(tmp_path, base_dir, ids):
-    """tloen/alpaca-lora-7b ships adapter_model.bin and a config with the old keys enable_lora and merge_weights."""
+    """tloen/alpaca-lora-7b ships adapter_model.bin
+    and a config with the old keys enable_lora and merge_weights."""
     peft_model = make_peft_adapter(base_dir, tmp_path / "new")
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     state = peft.utils.load_peft_weights(tmp_path / "new")
-    torch.save({k: v.half() for k, v in state.items()}, legacy / "adapter_model.bin")  # alpaca-lora saved fp16
+    # alpaca-lora saved fp16
+    torch.save({k: v.half() for k, v in state.items()}, legacy / "adapter_model.bin")
     (legacy / "adapter_config.json").write_text(json.dumps(dict(
-        base_model_name_or_path="decapoda-research/llama-7b-hf", bias="none", enable_lora=None, fan_in_fan_out=False,
-        inference_mode=True, lora_alpha=16, lora_dropout=0.05, merge_weights=False, modules_to_save=None,
-        peft_type="LORA", r=8, target_modules=TARGETS, task_type="CAUSAL_LM")))
+        base_model_name_or_path="decapoda-research/llama-7b-hf", bias="none", enable_lora=None,
+        fan_in_fan_out=False, inference_mode=True, lora_alpha=16, lora_dropout=0.05, merge_weights=False,
+        modules_to_save=None, peft_type="LORA", r=8, target_modules=TARGETS, task_type="CAUSAL_LM")))
     ours = load_model(base_dir)
     load_adapter(ours, legacy)
     assert all(p.dtype == torch.float32 for p in lora_state_dict(ours).values())
@@ -216,10 +220,12 @@ def test_adapter_kinds_we_do_not_implement(tmp_path, base_dir, field, value, exp
 
 def test_missing_adapter_files_and_double_lora(tmp_path, base_dir):
     model = load_model(base_dir)
-    assert "adapter_config.json: not found" in error_of(lambda: load_adapter(model, tmp_path), FileNotFoundError)
+    error = error_of(lambda: load_adapter(model, tmp_path), FileNotFoundError)
+    assert "adapter_config.json: not found" in error
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=8, lora_alpha=16,
                                                                   target_modules=TARGETS)))
-    assert "no adapter_model.safetensors" in error_of(lambda: load_adapter(model, tmp_path), FileNotFoundError)
+    error = error_of(lambda: load_adapter(model, tmp_path), FileNotFoundError)
+    assert "no adapter_model.safetensors" in error
     make_peft_adapter(base_dir, tmp_path / "adapter")
     apply_lora(model)
     assert "already has LoRA" in error_of(lambda: load_adapter(model, tmp_path / "adapter"))

@@ -48,12 +48,14 @@ def test_activation_estimate_matches_saved_tensors(wide_models, n_layers, checkp
     ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
     measured = measured_saved_bytes(model, ids, autocast)
     # On CPU the dropout mask has the input's dtype (fp32), where CUDA uses a bool mask.
-    predicted = saved_activation_bytes(model.args, B * T, checkpointing, act_bytes=2, autocast=autocast, mask_bytes=4)
+    predicted = saved_activation_bytes(model.args, B * T, checkpointing,
+                                       act_bytes=2, autocast=autocast, mask_bytes=4)
     assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured)
 
 
 @pytest.mark.parametrize("args", [ModelArgs(), ModelArgs.tiny(), ModelArgs.tiny(tie_word_embeddings=True),
-                                  ModelArgs(dim=8192, n_layers=2, n_heads=64, n_kv_heads=8, intermediate_size=28672)])
+                                  ModelArgs(dim=8192, n_layers=2, n_heads=64, n_kv_heads=8,
+                                            intermediate_size=28672)])
 def test_parameter_counts(args):
     with torch.device("meta"):
         model = Llama(args)

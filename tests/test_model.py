@@ -15,14 +15,15 @@ TOLERANCE = 1e-4  # max |Δlogit| in fp32 against HF
 
 # The golden greedy continuation of BOS + "Once upon a time" (../shared/models/stories260K/PROVENANCE.md).
 STORIES_PROMPT = [1, 403, 407, 261, 378]
-STORIES_GOLDEN = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419,
-                  292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352, 266, 268, 388,
-                  426, 338, 391, 266, 267, 337, 335, 312, 432, 398, 312, 286, 267, 414, 270, 333, 415, 426, 13, 438,
-                  310]
+STORIES_GOLDEN = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337, 410, 408,
+                  419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394, 261, 370, 432, 352,
+                  266, 268, 388, 426, 338, 391, 266, 267, 337, 335, 312, 432, 398, 312, 286, 267, 414, 270,
+                  333, 415, 426, 13, 438, 310]
 
 
 def random_hf_model(args, seed=0):
-    """A transformers LlamaForCausalLM with random weights big enough that layout mistakes show in the logits."""
+    """A transformers LlamaForCausalLM with random weights big enough
+    that layout mistakes show in the logits."""
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(args))).eval()
     with torch.no_grad():
@@ -44,8 +45,8 @@ def padded_batch(lengths, vocab_size, side, seed=0):
     return ids, ((slots >= T - n) if side == "left" else (slots < n)).long()
 
 
-@pytest.mark.parametrize("args", [ModelArgs.tiny(), ModelArgs.tiny(n_kv_heads=4), ModelArgs.tiny(n_kv_heads=1)],
-                         ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("args", [ModelArgs.tiny(), ModelArgs.tiny(n_kv_heads=4),
+                                  ModelArgs.tiny(n_kv_heads=1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_logits_match_transformers(tmp_path, args, padding):
     hf = random_hf_model(args)
@@ -68,7 +69,8 @@ def test_hidden_states_are_the_input_of_lm_head(tmp_path):
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         hidden = ours.hidden_states(ids)
-        expected = hf(ids, output_hidden_states=True).hidden_states[-1]  # HF's last entry is after the final norm
+        # HF's last entry is after the final norm
+        expected = hf(ids, output_hidden_states=True).hidden_states[-1]
         assert hidden.shape == (2, 7, 64)
         assert (hidden - expected).abs().max() <= TOLERANCE
         assert torch.equal(ours.lm_head(hidden), ours(ids))
@@ -142,11 +144,13 @@ def test_batched_generation_equals_one_at_a_time(stories_dir):
 
 def test_the_shared_prefix_runs_once(stories_dir, monkeypatch):
     model, tok = load_model(stories_dir), load_tokenizer(stories_dir)
-    prompts = [tok.encode("Say yes or no: " + text) for text in ("the sky is blue", "cats bark", "ice is cold")]
+    prompts = [tok.encode("Say yes or no: " + text)
+               for text in ("the sky is blue", "cats bark", "ice is cold")]
     prefix = len(tok.encode("Say yes or no:"))  # ":" and " the" do not merge into one piece
     seen = []
     real = model.hidden_states
-    monkeypatch.setattr(model, "hidden_states", lambda ids, *a: seen.append(tuple(ids.shape)) or real(ids, *a))
+    monkeypatch.setattr(model, "hidden_states",
+                        lambda ids, *a: seen.append(tuple(ids.shape)) or real(ids, *a))
     generate(model, prompts, 2, tok.eos_id, tok.pad_id)
     width = max(len(p) for p in prompts) - prefix
     assert seen == [(1, prefix), (3, width), (3, 1)]  # prefix once, the left-padded rest, one decoding step
@@ -181,7 +185,8 @@ def test_padding_does_not_change_real_token_logits(stories_dir):
             padded = model(ids, mask[None].long())[0][mask]
             assert (padded - alone).abs().max() <= TOLERANCE, side
         right_unmasked = model(torch.cat([row, torch.zeros(1, 6, dtype=torch.long)], 1))[0, :15]
-        assert (right_unmasked - alone).abs().max() <= TOLERANCE  # causal attention alone is exact for right pads
+        # causal attention alone is exact for right pads
+        assert (right_unmasked - alone).abs().max() <= TOLERANCE
 
 
 # -----------------------------------------------------------------------------
@@ -259,14 +264,16 @@ def test_weight_of_the_wrong_shape(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config(ModelArgs.tiny(intermediate_size=96))))
     with pytest.raises(ValueError) as e:
         load_model(tmp_path)
-    assert_one_line_error(e, "model.layers.0.mlp.down_proj.weight has shape (64, 128)", "(64, 96)", "disagree")
+    assert_one_line_error(e, "model.layers.0.mlp.down_proj.weight has shape (64, 128)",
+                          "(64, 96)", "disagree")
 
 
 def test_unexpected_and_missing_keys(tmp_path):
     args = ModelArgs.tiny()
     state = {k: v.contiguous() for k, v in random_hf_model(args).state_dict().items()}
     (tmp_path / "config.json").write_text(json.dumps(hf_config(args)))
-    save_file(dict(state, **{"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}), tmp_path / "model.safetensors")
+    save_file(dict(state, **{"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}),
+              tmp_path / "model.safetensors")
     with pytest.raises(ValueError) as e:
         load_model(tmp_path)
     assert_one_line_error(e, "unexpected key model.layers.9.mlp.up_proj.weight")
@@ -278,8 +285,8 @@ def test_unexpected_and_missing_keys(tmp_path):
 
 
 def test_unsupported_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(hf_config(ModelArgs.tiny()),
-                                                          rope_scaling={"rope_type": "llama3", "factor": 8.0})))
+    config = dict(hf_config(ModelArgs.tiny()), rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as e:
         load_model(tmp_path)
     assert_one_line_error(e, "rope_scaling", "not supported")

@@ -1,4 +1,7 @@
-"""Tests for perturb.py: protected spans, determinism, strength, formats, the CLI and its errors. Offline, no nltk."""
+"""Tests for perturb.py: protected spans, determinism, strength, formats, the CLI and its errors.
+
+Offline, no nltk.
+"""
 import json
 import os
 import re
@@ -52,7 +55,8 @@ def test_quoted_label_words_survive_1000_seeds_of_every_shipped_instruction(leve
 
 
 def test_unquoted_label_words_placeholders_and_extra_spans_are_protected():
-    s = "Decide whether the {sentence} sounds Positive or negative to a careful reader, then classify its tone."
+    s = ("Decide whether the {sentence} sounds Positive or negative to a careful reader, "
+         "then classify its tone.")
     keep = ["{sentence}", "Positive", "negative", "careful reader"]
     for level in perturb.LEVELS[1:]:
         for seed in range(300):
@@ -69,7 +73,8 @@ def test_output_is_fixed_by_instruction_level_and_seed_even_across_processes():
     ours = [perturb.perturb(s, level, 3) for level in perturb.LEVELS]
     code = f"import perturb; print(repr([perturb.perturb({s!r}, l, 3) for l in perturb.LEVELS]))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a salted hash() would give a different result here
-    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           check=True)
     assert other.stdout.strip() == repr(ours)
     assert ours == [perturb.perturb(s, level, 3) for level in perturb.LEVELS]
 
@@ -139,9 +144,9 @@ def test_rate_is_a_fraction_of_all_words_capped_by_the_eligible_ones():
 
 
 def test_synonym_table_covers_instruction_vocabulary_with_real_words_that_are_not_label_words():
-    vocabulary = """determine analyze classify evaluate identify sentence statement text respond answer given following
-    whether decide label pair question provide choose select indicate assess judge examine review check read please
-    input passage meaning""".split()
+    vocabulary = """determine analyze classify evaluate identify sentence statement text respond answer given
+    following whether decide label pair question provide choose select indicate assess judge examine review
+    check read please input passage meaning""".split()
     assert set(vocabulary) <= set(perturb.SYNONYMS)
     for word, options in perturb.SYNONYMS.items():
         for option in options:
@@ -150,17 +155,20 @@ def test_synonym_table_covers_instruction_vocabulary_with_real_words_that_are_no
 
 
 def test_semantic_reorders_clauses_switches_mood_and_swaps_phrases():
-    s = "Given a premise and a hypothesis, decide whether it holds. Answer with 'entailment' or 'neutral'"  # no final .
+    # no final .
+    s = "Given a premise and a hypothesis, decide whether it holds. Answer with 'entailment' or 'neutral'"
     outs = {perturb.perturb(s, "semantic", seed) for seed in range(60)}
     assert any(o.endswith(", given a premise and a hypothesis.") for o in outs)  # clause moved
     assert any(o.split(". ")[0].endswith("'neutral'") for o in outs)  # answer format moved first
     assert any(re.search(r"(Can|Could) you decide .*\?", o) for o in outs)  # imperative -> question
     assert any(re.search(r"\b(work out|establish|determine) whether\b", o) for o in outs)  # phrase swap
     question = "Is it true that the sentence is grammatical? Answer 'acceptable' or 'unacceptable'."
+    # question -> imperative
     assert any(o.startswith("Determine whether the sentence is grammatical.")
-               for o in {perturb.perturb(question, "semantic", seed) for seed in range(60)})  # question -> imperative
+               for o in {perturb.perturb(question, "semantic", seed) for seed in range(60)})
     # With no rule to apply, a framing sentence still makes the instruction differ.
-    assert perturb.perturb("'positive' or 'negative'", "semantic", 0) == "Here is the task. 'positive' or 'negative'"
+    framed = perturb.perturb("'positive' or 'negative'", "semantic", 0)
+    assert framed == "Here is the task. 'positive' or 'negative'"
 
 
 def test_edit_distance_counts_characters_or_words():
@@ -190,7 +198,8 @@ def test_cli_writes_the_evaluator_file_prints_strength_and_matches_the_shipped_f
 
 
 def test_cli_uses_a_user_semantic_file_and_per_level_rates(tmp_path):
-    clean = {"sst2": ["Say 'positive' or 'negative' for this review.", "Is this review 'positive' or 'negative'?"]}
+    clean = {"sst2": ["Say 'positive' or 'negative' for this review.",
+                      "Is this review 'positive' or 'negative'?"]}
     mine = {"sst2": ["Tell me: 'positive' or 'negative'?", "Reply 'positive' or 'negative'."]}
     for name, data in (("clean.json", clean), ("mine.json", mine)):
         (tmp_path / name).write_text(json.dumps(data))
@@ -206,7 +215,8 @@ def test_cli_uses_a_user_semantic_file_and_per_level_rates(tmp_path):
     ("{not json", r"not valid JSON"),
     ("[1, 2]", r"expected a non-empty \{task: \[instruction, \.\.\.\]\} object"),
     ("{}", r"expected a non-empty"),
-    ('{"sst2": "Say positive or negative."}', r"task 'sst2' must map to a list of non-empty instruction strings"),
+    ('{"sst2": "Say positive or negative."}',
+     r"task 'sst2' must map to a list of non-empty instruction strings"),
     ('{"sst2": [3]}', r"task 'sst2' must map to a list"),
     ('{"imdb": ["positive or negative"]}', r"unknown task 'imdb': use one of cola, mnli"),
     ('{"sst2": ["Say positive or negative.", "Rate the film."]}',
@@ -250,17 +260,19 @@ def test_perturb_is_torch_free():
 def test_wordnet_adds_single_word_lemmas_that_are_not_label_words(monkeypatch):
     lemmas = [types.SimpleNamespace(name=lambda n=n: n) for n in ("Sieve", "sort_out", "neutral", "sort")]
     corpus = types.ModuleType("nltk.corpus")
-    corpus.wordnet = types.SimpleNamespace(synsets=lambda word: [types.SimpleNamespace(lemmas=lambda: lemmas)])
+    synset = types.SimpleNamespace(lemmas=lambda: lemmas)
+    corpus.wordnet = types.SimpleNamespace(synsets=lambda word: [synset])
     monkeypatch.setitem(sys.modules, "nltk", types.ModuleType("nltk"))
     monkeypatch.setitem(sys.modules, "nltk.corpus", corpus)
     assert perturb.synonyms("sort", wordnet=True) == ["sieve"]
     assert perturb.synonyms("sort") == []
-    assert perturb.perturb("Sort it as 'positive' or 'negative'.", "textfooler", 0, wordnet=True).startswith("Sieve")
+    swapped = perturb.perturb("Sort it as 'positive' or 'negative'.", "textfooler", 0, wordnet=True)
+    assert swapped.startswith("Sieve")
 
 
 def test_unknown_level_and_missing_wordnet_are_clear_errors(monkeypatch):
-    with pytest.raises(ValueError, match=r"^unknown level 'typo': choose one of clean, deepwordbug, textfooler, "
-                                         r"checklist, semantic$"):
+    with pytest.raises(ValueError, match=r"^unknown level 'typo': choose one of clean, deepwordbug, "
+                                         r"textfooler, checklist, semantic$"):
         perturb.perturb("Say 'positive' or 'negative'.", "typo", 0)
     monkeypatch.setitem(sys.modules, "nltk", None)  # makes `import nltk` fail even where it is installed
     with pytest.raises(ValueError, match=r"--wordnet needs nltk and its WordNet data"):

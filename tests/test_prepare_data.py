@@ -1,6 +1,7 @@
 """prepare_data.py: the FLAN builder, the official CSV import and the check command.
 
-The template tests use the real FLAN templates, and the tokenization test the real LLaMA tokenizer, from ../shared.
+The template tests use the real FLAN templates, and the tokenization test the real LLaMA tokenizer,
+from ../shared.
 """
 import csv
 import json
@@ -56,8 +57,8 @@ def test_demo_file_is_exactly_what_the_documented_command_builds(tmp_path, monke
     assert re.search(r"^total\s+132\s+264\s+0$", capsys.readouterr().out, re.M)  # the Table 3 printout
 
 
-def write_coin_csv(path, rows, columns=("original_instruction", "paraphrased_instruction", "targets", "task_name",
-                                        "kwargs")):
+def write_coin_csv(path, rows, columns=("original_instruction", "paraphrased_instruction", "targets",
+                                        "task_name", "kwargs")):
     with open(path, "w", newline="", encoding="utf-8-sig") as f:  # with a BOM, as spreadsheets write it
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -71,7 +72,8 @@ def test_csv_import_groups_rows_2k_and_2k_plus_1(tmp_path, capsys):
     csv_path = write_coin_csv(tmp_path / "coin.csv", rows)
     examples, dropped = prepare_data.read_coin_csv(csv_path)
     assert dropped == 1  # row 4 has no partner
-    assert [(e.id, e.group) for e in examples] == [("csv-0", "0"), ("csv-1", "0"), ("csv-2", "1"), ("csv-3", "1")]
+    assert [(e.id, e.group) for e in examples] == [("csv-0", "0"), ("csv-1", "0"), ("csv-2", "1"),
+                                                   ("csv-3", "1")]
     assert examples[3] == Example("csv-3", "rte", rows[3][0], rows[3][1], "no", "1")
     prepare_data.main(["convert", "--csv", str(csv_path), "--out", str(tmp_path / "out.jsonl")])
     assert "dropped CSV row 5" in capsys.readouterr().out
@@ -98,10 +100,12 @@ def test_templates_py_is_parsed_never_executed(tmp_path):
     marker = tmp_path / "executed.txt"
     path = tmp_path / "templates.py"
     path.write_text(f'import pathlib\npathlib.Path({str(marker)!r}).write_text("ran")\n\nPATTERNS = {{\n'
-                    '    "rte": [\n        ("{premise}\\n\\nIs it true that "\n         "{hypothesis}?", "{answer}"),\n'
+                    '    "rte": [\n        ("{premise}\\n\\nIs it true that "\n'
+                    '         "{hypothesis}?", "{answer}"),\n'
                     '        ("{premise}\\nCan we infer {hypothesis}?", "{answer}"),\n    ],\n}\n')
-    assert prepare_data.load_templates(path) == {"rte": [("{premise}\n\nIs it true that {hypothesis}?", "{answer}"),
-                                                 ("{premise}\nCan we infer {hypothesis}?", "{answer}")]}
+    assert prepare_data.load_templates(path) == {
+        "rte": [("{premise}\n\nIs it true that {hypothesis}?", "{answer}"),
+                ("{premise}\nCan we infer {hypothesis}?", "{answer}")]}
     assert not marker.exists()
 
 
@@ -130,9 +134,12 @@ def test_bad_template_files_are_refused(tmp_path, name, text, message):
 # -----------------------------------------------------------------------------
 # Building from the real FLAN templates
 
-RTE = [("The bridge opened in 1932.", "The bridge is old.", "yes"), ("Snow closed the pass.", "It was open.", "no"),
-       ("The team won the final.", "The team played the final.", "yes"), ("She never drove.", "She drove a bus.", "no"),
-       ("Prices rose after the frost.", "Fruit got cheaper.", "no"), ("He wrote two novels.", "He is a writer.", "yes")]
+RTE = [("The bridge opened in 1932.", "The bridge is old.", "yes"),
+       ("Snow closed the pass.", "It was open.", "no"),
+       ("The team won the final.", "The team played the final.", "yes"),
+       ("She never drove.", "She drove a bus.", "no"),
+       ("Prices rose after the frost.", "Fruit got cheaper.", "no"),
+       ("He wrote two novels.", "He is a writer.", "yes")]
 SST2 = [("a warm and funny film", 1), ("a dull mess", 0), ("sharp and moving", 1), ("tired and loud", 0),
         ("a small gem", 1), ("an empty sequel", 0)]
 
@@ -144,7 +151,8 @@ def source_dir(tmp_path):
     source.mkdir()
     write_jsonl(source / "rte.jsonl", [{"premise": p, "hypothesis": h, "options": ["yes", "no"], "answer": a}
                                        for p, h, a in RTE])
-    write_jsonl(source / "sst2.jsonl", [{"idx": i, "sentence": s, "label": label} for i, (s, label) in enumerate(SST2)])
+    write_jsonl(source / "sst2.jsonl", [{"idx": i, "sentence": s, "label": label}
+                                        for i, (s, label) in enumerate(SST2)])
     write_jsonl(source / "glue_mrpc.jsonl", [{"sentence1": p, "sentence2": h, "label": i % 2}
                                              for i, (p, h, _) in enumerate(RTE)])
     write_jsonl(source / "stsb.jsonl", [{"sentence1": p, "sentence2": h, "label": i * 0.9}
@@ -158,7 +166,8 @@ def build(flan, source_dir, **kwargs):
 
 
 def matching_templates(text, rows, templates):
-    """{(row, template)} whose rendered instruction is `text` (unusable templates may lack fields: KeyError)."""
+    """{(row, template)} whose rendered instruction is `text`
+    (unusable templates may lack fields: KeyError)."""
     hits = set()
     for r, row in enumerate(rows):
         for i, (instruction, _) in enumerate(templates):
@@ -185,7 +194,8 @@ def test_paraphrase_uses_another_template_of_the_same_input_and_target(flan, sou
         original = matching_templates(example.original, rows, templates)
         paraphrase = matching_templates(example.paraphrase, rows, templates)
         texts = {templates[i][0] for _, i in original}
-        assert texts and not texts & {templates[i][0] for _, i in paraphrase}  # another template, not a copy of it
+        # another template, not a copy of it
+        assert texts and not texts & {templates[i][0] for _, i in paraphrase}
         # one source row rendered by both templates, each with this target (reverse templates such as "Write a
         # {answer} movie review." render alike for many rows, hence the sets)
         assert {(r, prepare_data.render(templates[i][1], rows[r])) for r, i in original} & \
@@ -216,34 +226,40 @@ def test_per_task_and_round_robin_order(flan, source_dir, capsys):
 
 def test_options_render_exactly_as_flan(flan, source_dir):
     rows = prepare_data.load_sources(source_dir, flan)["rte"]
-    assert prepare_data.render(flan["rte"][2][0], rows[0]) == ("The bridge opened in 1932.\n\nCan we draw the following "
-                                                      "conclusion?\nThe bridge is old.\n\nOPTIONS:\n- yes\n- no")
+    assert prepare_data.render(flan["rte"][2][0], rows[0]) == ("The bridge opened in 1932.\n\n"
+                                                               "Can we draw the following conclusion?\n"
+                                                               "The bridge is old.\n\nOPTIONS:\n- yes\n- no")
 
 
 FLAN_ANSWER_OF_LABEL_1 = {  # flan/tasks.py: _process_<dataset> options[label]
-    "cola": "acceptable", "sst2": "positive", "glue_mrpc": "yes", "glue_qqp": "yes", "qnli": "no", "rte": "no",
-    "wnli": "yes", "mnli": "it is not possible to tell", "stsb": "1"}
+    "cola": "acceptable", "sst2": "positive", "glue_mrpc": "yes", "glue_qqp": "yes", "qnli": "no",
+    "rte": "no", "wnli": "yes", "mnli": "it is not possible to tell", "stsb": "1"}
 
 
 @pytest.mark.parametrize("dataset", sorted(FLAN_LAYOUTS))
 def test_glue_rows_map_to_flan_fields_and_answers(tmp_path, flan, dataset):
     renames = FLAN_LAYOUTS[dataset][0]
-    label = 0.6 if dataset == "stsb" else 1  # stsb: a score, rounded (not cut) as FLAN's as_string(precision=0)
-    rows = prepare_data.load_source(write_jsonl(tmp_path / f"{dataset}.jsonl", [{**{glue: f"text {glue}" for glue in renames},
-                                                                         "label": label, "idx": 0}]),
-                            dataset, flan[dataset])
+    # stsb: a score, rounded (not cut) as FLAN's as_string(precision=0)
+    label = 0.6 if dataset == "stsb" else 1
+    path = write_jsonl(tmp_path / f"{dataset}.jsonl", [{**{glue: f"text {glue}" for glue in renames},
+                                                        "label": label, "idx": 0}])
+    rows = prepare_data.load_source(path, dataset, flan[dataset])
     answer = rows[0].get("answer", rows[0].get("answer_str"))
     assert answer == FLAN_ANSWER_OF_LABEL_1[dataset] and answer in rows[0]["options"]
-    for instruction, output in flan[dataset][:8]:  # the classification templates all render from the mapped row
-        assert "text " in prepare_data.render(instruction, rows[0]) and prepare_data.render(output, rows[0]) == answer
+    # the classification templates all render from the mapped row
+    for instruction, output in flan[dataset][:8]:
+        assert "text " in prepare_data.render(instruction, rows[0])
+        assert prepare_data.render(output, rows[0]) == answer
 
 
 @pytest.mark.parametrize("rows, message", [
     ([{"premise": "p", "options": ["yes", "no"], "answer": "yes"}],
      r"rte\.jsonl:1: rte template 0 uses \{hypothesis\} but this row's 'hypothesis' is missing"),
     ([{"premise": "p", "hypothesis": "h", "options": ["yes", "no"], "answer": 1}], r"'answer' is 1"),
-    ([{"premise": "p", "hypothesis": "h", "options": "yes or no", "answer": "yes"}], r"'options' is \"yes or no\""),
-    ([{"sentence1": "p", "sentence2": "h", "label": -1}], r"rte\.jsonl:1: label -1 is not a rte label 0\.\.1"),
+    ([{"premise": "p", "hypothesis": "h", "options": "yes or no", "answer": "yes"}],
+     r"'options' is \"yes or no\""),
+    ([{"sentence1": "p", "sentence2": "h", "label": -1}],
+     r"rte\.jsonl:1: label -1 is not a rte label 0\.\.1"),
     ([{"sentence1": "p", "label": 0}], r"a glue-layout rte row \(it has 'label'\) needs 'sentence2'"),
     (["premise"], r"rte\.jsonl:1: not a JSON object"),
     ([], r"rte\.jsonl: no rows"),
@@ -272,20 +288,25 @@ def test_a_dataset_without_paraphrase_partners_is_refused():
 
 def test_paraphrase_partners_of_real_flan_templates(flan):
     paws = prepare_data.paraphrase_partners(flan["paws_wiki"])
-    assert all(9 not in partners for partners in paws[:9])  # 9 lists no options: never the paraphrase of one that does
+    # 9 lists no options: never the paraphrase of one that does
+    assert all(9 not in partners for partners in paws[:9])
     assert paws[9] == list(range(9))  # but the others may paraphrase it
     cola = prepare_data.paraphrase_partners(flan["cola"])
     assert 3 not in cola[0] and 0 not in cola[3]  # FLAN's cola templates 0 and 3 are the same text
-    assert cola[8] == [9] and cola[9] == [8]  # the two reverse templates ("Generate ... {answer}" -> "{sentence}")
-    assert prepare_data.paraphrase_partners(flan["rte"])[9] == []  # "Generate a context and a hypothesis." has no partner
+    # the two reverse templates ("Generate ... {answer}" -> "{sentence}")
+    assert cola[8] == [9] and cola[9] == [8]
+    # "Generate a context and a hypothesis." has no partner
+    assert prepare_data.paraphrase_partners(flan["rte"])[9] == []
 
 
 def test_anchors_without_a_hard_negative_are_skipped_and_counted(flan):
-    rows = [{"premise": f"p{i}", "hypothesis": "h", "options": ["yes", "no"], "answer": "yes"} for i in range(5)]
+    rows = [{"premise": f"p{i}", "hypothesis": "h", "options": ["yes", "no"], "answer": "yes"}
+            for i in range(5)]
     assert prepare_data.build_examples(flan, {"rte": rows}) == ([], {"rte": 5})  # one answer everywhere
     same_input = [{"premise": "p", "hypothesis": "h", "options": ["yes", "no"], "answer": answer}
                   for answer in ("yes", "no")]
-    assert prepare_data.build_examples(flan, {"rte": same_input}) == ([], {"rte": 2})  # answers differ, inputs do not
+    # answers differ, inputs do not
+    assert prepare_data.build_examples(flan, {"rte": same_input}) == ([], {"rte": 2})
 
 
 # -----------------------------------------------------------------------------
@@ -317,12 +338,12 @@ def test_cli_check_refuses_a_bad_file_and_skip_bad_reports_counts(tmp_path, caps
 
 def test_cli_build_reports_errors_in_one_line(tmp_path, flan_templates_path):
     with pytest.raises(SystemExit, match=r"^error: .*: no <dataset>\.jsonl source files$"):
-        prepare_data.main(["build", "--templates", str(flan_templates_path), "--source", str(tmp_path), "--out",
-                   str(tmp_path / "out.jsonl")])
+        prepare_data.main(["build", "--templates", str(flan_templates_path), "--source", str(tmp_path),
+                           "--out", str(tmp_path / "out.jsonl")])
     assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_cli_exits_nonzero_with_the_error(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "check", str(tmp_path / "missing.jsonl")],
-                            capture_output=True, text=True, cwd=tmp_path)
+    command = [sys.executable, str(ROOT / "prepare_data.py"), "check", str(tmp_path / "missing.jsonl")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "missing.jsonl" in result.stderr

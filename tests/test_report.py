@@ -9,14 +9,16 @@ import report
 
 def records_for(cells, answers):
     """{cell key: records} from {cell key: [(pred, gold), ...]}."""
-    return {k: [dict(task=cells[k][0], group=cells[k][1], prompt_index=cells[k][2], idx=i, raw="", pred=p, gold=g)
+    return {k: [dict(task=cells[k][0], group=cells[k][1], prompt_index=cells[k][2], idx=i, raw="",
+                     pred=p, gold=g)
                 for i, (p, g) in enumerate(answers[k])] for k in cells}
 
 
 def test_compare_prints_the_difference_of_two_results_dirs(tmp_path):
     cells = {"sst2/clean/0": ("sst2", "clean", 0, "a")}
     for name, pred in (("a", "negative"), ("b", "positive")):
-        results = evaluate.summarize(cells, records_for(cells, {"sst2/clean/0": [(pred, "positive")]}), {"mode": "g"})
+        results = evaluate.summarize(cells, records_for(cells, {"sst2/clean/0": [(pred, "positive")]}),
+                                     {"mode": "g"})
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     table = report.compare_tables(tmp_path / "a", tmp_path / "b")

@@ -1,4 +1,5 @@
-"""The Tokenizer on the real LLaMA tokenizer.model: sentencepiece's ids plus BOS, as Meta's code and alpaca-lora."""
+"""The Tokenizer on the real LLaMA tokenizer.model:
+sentencepiece's ids plus BOS, as Meta's code and alpaca-lora."""
 import random
 import shutil
 
@@ -9,8 +10,9 @@ from hf_io import Tokenizer, load_tokenizer
 
 BASE = [
     "Once upon a time", "Determine whether the sentence is positive or negative.", "Is the premise entailed?",
-    "The movie was great!", "I can't believe it's not butter", "2 + 2 = 4", "Answer: yes", "OPTIONS:\n- yes\n- no",
-    "naïve café résumé", "日本語のテキスト", "emoji 🙂 and 🚀", "Ünïcödé Straße", "tab\tseparated\tvalues",
+    "The movie was great!", "I can't believe it's not butter", "2 + 2 = 4", "Answer: yes",
+    "OPTIONS:\n- yes\n- no", "naïve café résumé", "日本語のテキスト", "emoji 🙂 and 🚀",
+    "Ünïcödé Straße", "tab\tseparated\tvalues",
     "Question 1: What is AI? Question 2: What is ML?", "Premise: A man sleeps. Hypothesis: A man rests.",
     "x\n\n### Response:\n", "### Instruction:\nClassify this.\n\n### Response:\n", "mid</s>dle", "<s>start",
     "a <unk> token", "trailing space ", "42", "3.14159", "e-mail: someone@example.com", "C++ / C# / F#",
