@@ -2,16 +2,16 @@
 
 A support module, read after coin.py's training loop. --out holds:
 
-    checkpoint-<step>/    the adapter (peft format), config.json and trainer_state.pt (optimizer, RNG, step);
-                          written to a temporary folder and renamed into place, so a crash leaves the previous
-                          checkpoint intact; only the newest is kept
+    checkpoint-<step>/    the adapter (peft format), config.json and trainer_state.pt (optimizer, fp16 loss
+                          scale, RNG, step); written to a temporary folder and renamed into place, so a crash
+                          leaves the previous checkpoint intact; only the newest is kept
     metrics.jsonl         one line per optimizer step; on resume, lines after the checkpoint are dropped
     config.json           the run's settings (coin.py writes it); --resume reads them back
     adapter_*             the finished run's adapter, for evaluate.py and peft
 
 Ctrl-C asks the loop to save and stop after the current step (`StopOnCtrlC`); `--resume` restores the
-weights, the optimizer and the RNG and skips the steps done, so the resumed run equals an uninterrupted
-one bit for bit.
+weights, the optimizer, the loss scale and the RNG and skips the steps done, so the resumed run equals an
+uninterrupted one bit for bit.
 """
 import json
 import shutil
@@ -27,7 +27,7 @@ from hf_io import read_adapter_tensors, save_adapter
 # 1. Checkpoints
 
 
-def save_checkpoint(out, model, optimizer, cfg, step, skipped):
+def save_checkpoint(out, model, optimizer, scaler, cfg, step, skipped):
     """Write out/checkpoint-<step> (unless it exists) and delete the older ones; returns its path."""
     final = out / f"checkpoint-{step:06d}"
     if final.exists():
@@ -37,8 +37,8 @@ def save_checkpoint(out, model, optimizer, cfg, step, skipped):
     save_adapter(model, tmp, cfg.base)
     (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    torch.save(dict(step=step, skipped=skipped, optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
-                    cuda_rng=cuda_rng), tmp / "trainer_state.pt")
+    torch.save(dict(step=step, skipped=skipped, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    rng=torch.get_rng_state(), cuda_rng=cuda_rng), tmp / "trainer_state.pt")
     tmp.rename(final)
     for old in out.glob("checkpoint-*"):
         if old != final:
@@ -46,8 +46,8 @@ def save_checkpoint(out, model, optimizer, cfg, step, skipped):
     return final
 
 
-def restore_checkpoint(checkpoint, model, optimizer):
-    """Load a checkpoint's LoRA weights, optimizer and RNG state into the freshly built run;
+def restore_checkpoint(checkpoint, model, optimizer, scaler):
+    """Load a checkpoint's LoRA weights, optimizer, fp16 loss scale and RNG state into the freshly built run;
     returns the state."""
     _, tensors = read_adapter_tensors(checkpoint)
     unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
@@ -55,6 +55,7 @@ def restore_checkpoint(checkpoint, model, optimizer):
         raise ValueError(f"{checkpoint}: {unexpected[0]} does not fit this model; was --base changed?")
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])  # the fp16 loss scale and its growth tracker: exact resume
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])

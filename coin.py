@@ -1,15 +1,18 @@
 """coin.py: Contrastive Instruction Tuning (CoIN, Yan et al., ACL Findings 2024): the loss, the training loop.
 
-CoIN in ten lines. Every training example comes in two views: the original instruction and a paraphrase of it
-(same input, same answer). One forward runs both views, stacked as 2B rows (data.py):
-  - L_gen: next-token cross-entropy on the answer tokens, a token mean per view, summed over the two views;
-  - L_ctr: InfoNCE between the final-norm hidden states at each row's last real token: each original should be
-    closer (cosine / temperature) to its own paraphrase than to every other row of the micro-batch, and the
-    micro-batch holds each example's hard negative (same template, different input and answer). Symmetric:
-    original -> paraphrase and paraphrase -> original, averaged;
-  - total = L_gen + w * L_ctr with w = min(lambda, detach(L_gen / L_ctr)): the contrastive term is rescaled to
-    the size of the generation loss, and lambda (1000) is only the upper bound of that weight.
-The paper's Eq. 3 writes max; its own text ("lambda is the upper bound") and the official code make it min.
+CoIN in ten lines. Every training example comes in two views: the original instruction and a paraphrase of
+it (same input, same answer), and each example has a group: itself and its hard negative (same template,
+different input and answer). The official code trains one group per micro-batch; we compute the same
+objective per group g, batched, so the micro-batch size changes only speed and memory:
+  - L_gen_g: next-token cross-entropy on the answer tokens, a token mean per view over the group's rows,
+    summed over the two views;
+  - L_ctr_g: symmetric InfoNCE between the final-norm hidden states at each row's last answer token: each
+    original should be closer (cosine / temperature) to its own paraphrase than to the other paraphrases of
+    its group, and vice versa (--negatives batch: of the whole micro-batch, SimCSE-style);
+  - loss_g = L_gen_g + w_g * L_ctr_g with w_g = min(lambda, detach(L_gen_g / L_ctr_g)): the contrastive term
+    is rescaled to the size of the generation loss; lambda (1000) only caps the weight. A step's loss is the
+    mean of loss_g over its groups. The paper's Eq. 3 writes max; its text ("lambda is the upper bound") and
+    the official code (ContrastiveLlama.scale_contrastive_loss) make it min.
 
 Runs:
     python coin.py --data examples/flan_coin_demo.jsonl --tiny --out out/ --epochs 5 --lr 1e-3   # CPU demo
@@ -42,7 +45,7 @@ from config import merge_saved, opt, parse_flags, resolve_precision
 from data import IGNORE_INDEX, ContrastiveDataset, collate, load_examples, micro_batches
 from files import write_atomically
 from hf_io import load_adapter, load_model, load_tokenizer, save_adapter
-from memory import estimate_training_memory
+from memory import training_summary
 from model import apply_lora, merge_lora, pool_last_token
 from tiny_base import build_tiny_base
 
@@ -63,11 +66,17 @@ class TrainConfig:
     epochs: int = opt(1, "passes over the data (CoIN: 1)")
     max_steps: int | None = opt(None, "optimizer steps; overrides --epochs")
     batch_size: int = opt(64, "examples per optimizer step (CoIN: 64)")
-    micro_batch_size: int = opt(16, "examples per forward (2x rows); 16 fits 7B on 24 GB (python memory.py)")
+    micro_batch_size: int = opt(16, "examples per forward (2x rows): speed and memory only; 16 fits 7B on "
+                                    "24 GB (python memory.py) (CoIN: 2, one group)")
     lr: float = opt(1e-4, "AdamW peak learning rate (CoIN: 1e-4)")
-    warmup_ratio: float = opt(0.1, "linear warmup over this fraction of the steps, then linear decay to 0")
-    cutoff: int = opt(256, "max tokens per row; prompts are cut, answers never (CoIN: 256)")
-    eos: bool = opt(True, "append eos to every answer, so the model learns to stop")
+    warmup_ratio: float = opt(0.1, "warmup steps = int(examples / batch size * ratio), then linear decay "
+                                   "to 0 (CoIN: 0.1)")
+    cutoff: int = opt(256, "max tokens per row (CoIN: 256)")
+    truncation: str = opt("right", "over the cutoff: right cuts the row's end as CoIN does, answer included; "
+                                   "middle cuts the prompt's middle", choices=("right", "middle"))
+    eos: bool = opt(False, "append eos to every answer (CoIN: off)")
+    shuffle: bool = opt(True, "reshuffle the groups every epoch; --no-shuffle keeps CoIN's file order")
+    holdout: int = opt(0, "leave the last N examples of --data out of training (CoIN: 2000, its val split)")
     skip_bad: bool = opt(False, "drop bad lines of --data instead of refusing the file")
     # LoRA (alpaca-lora's adapter: r 16, alpha 16, dropout 0.05 on q, k, v, o); --adapter's config wins
     lora_r: int = opt(16, "LoRA rank")
@@ -78,13 +87,15 @@ class TrainConfig:
     contrastive: bool = opt(True, "add L_ctr; --no-contrastive trains the continual-tuning baseline")
     temperature: float = opt(0.05, "InfoNCE temperature (CoIN: 0.05)")
     lam: float = opt(1000.0, "upper bound of the contrastive weight w = min(lam, L_gen / L_ctr) (CoIN: 1000)")
+    negatives: str = opt("group", "group: each anchor's negatives are its group's (CoIN); batch: every other "
+                                  "row of the micro-batch (SimCSE-style)", choices=("group", "batch"))
     # Machinery
     dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU, fp32 on a CPU; "
                                   "fp16 adds a GradScaler)", choices=("bf16", "fp16", "fp32"))
     device: str | None = opt(None, "cuda | cpu (default: cuda when there is a GPU)")
     grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of keeping activations")
     save_every: int = opt(100, "checkpoint every N optimizer steps (and at the end)")
-    seed: int = opt(0, "seed of the LoRA init, dropout and data order")
+    seed: int = opt(42, "seed of the LoRA init, dropout and data order (CoIN: 42)")
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = opt(False, "delete the run in --out and start again")
 
@@ -105,76 +116,89 @@ def parse_config(argv=None):
 # -----------------------------------------------------------------------------
 # 2. The losses
 
-def info_nce(a, b, temperature):
-    """Symmetric InfoNCE: row i of a should match row i of b against every other row of b, and vice versa.
+def info_nce(a, b, group_index, temperature, within_groups=True):
+    """Symmetric InfoNCE per group: (G,) losses. a, b (B, D): the two views' pooled states; group_index (B,).
 
-    a, b (B, D). sim (B, B) = cos(a_i, b_j) / temperature, in fp32; the diagonal holds the positives, and the
-    off-diagonal entries are the in-batch negatives (each example's hard negative among them).
+    sim (B, B) = cos(a_i, b_j) / temperature, in fp32; the diagonal holds the positives. within_groups masks
+    the pairs of different groups, so each anchor's negatives are its group's other rows (its hard negative):
+    exactly the official micro-batch of one group. Row i's loss averages original -> paraphrase and
+    paraphrase -> original; a group's loss is the mean over its rows, as in ContrastiveLoss.
     """
     with torch.autocast(a.device.type, enabled=False):  # bf16 cosines / 0.05 would be off by several percent
         a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
         sim = a @ b.T / temperature  # (B, B)
+        if within_groups:
+            sim = sim.masked_fill(group_index[:, None] != group_index[None, :], float("-inf"))
         labels = torch.arange(sim.shape[0], device=sim.device)
-        return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
+        rows = (F.cross_entropy(sim, labels, reduction="none")
+                + F.cross_entropy(sim.T, labels, reduction="none")) / 2  # (B,)
+        return group_mean(rows, group_index, int(group_index.max()) + 1)  # (G,)
 
 
-def coin_loss(h_orig, h_para, gen_loss, temperature, lam):
-    """CoIN's objective: (total, ctr, weight) with total = gen + w * ctr and w = min(lam, detach(gen / ctr)).
+def group_mean(values, index, size):
+    """values (N,) -> (size,): the mean of the entries of each index 0..size-1."""
+    sums = values.new_zeros(size).index_add(0, index, values)
+    return sums / values.new_zeros(size).index_add(0, index, torch.ones_like(values))
+
+
+def coin_loss(gen, ctr, lam):
+    """CoIN's objective per group: (gen + w * ctr, w) with w = min(lam, detach(gen / ctr)); gen, ctr (G,).
 
     The weight is a constant to autograd: the contrastive term's value becomes the generation loss's (unless
-    lam caps it), while its gradient is the InfoNCE gradient scaled by gen / ctr.
+    lam caps it), while its gradient is the InfoNCE gradient scaled by gen / ctr. The official code scales
+    ctr by lam first and then by min(lam, gen / (lam ctr)) when lam ctr > gen: the same w.
     """
-    ctr = info_nce(h_orig, h_para, temperature)
-    weight = torch.clamp(gen_loss.detach() / ctr.detach(), max=lam)
-    return gen_loss + weight * ctr, ctr, weight
+    weight = torch.clamp(gen.detach() / ctr.detach(), max=lam)
+    return gen + weight * ctr, weight
 
 
-def supervised_ce_sum(model, hidden, labels):
-    """Sum of next-token cross-entropy over the supervised tokens of rows hidden (R, T, D), labels (R, T).
+def generation_loss(model, hidden, labels, group_index):
+    """(G,): per group, the token-mean cross-entropy of its originals plus that of its paraphrases.
 
-    Logits are computed only where a label is supervised (typically a few answer tokens per row), never for
-    all 2B x T x V positions: position t predicts label t + 1.
+    hidden (2B, T, D), labels (2B, T), group_index (B,). Logits are computed only where a label is supervised
+    (a few answer tokens per row), never for all 2B x T x V positions: position t predicts label t + 1.
     """
-    targets = labels[:, 1:]                       # (R, T-1)
-    supervised = targets != IGNORE_INDEX          # (R, T-1)
-    logits = model.lm_head(hidden[:, :-1][supervised]).float()  # (N, V), N = supervised tokens
-    return F.cross_entropy(logits, targets[supervised], reduction="sum")
+    B = len(group_index)
+    targets = labels[:, 1:]                                    # (2B, T-1)
+    supervised = targets != IGNORE_INDEX                       # (2B, T-1)
+    logits = model.lm_head(hidden[:, :-1][supervised]).float()  # (N, V), N supervised tokens
+    token_loss = F.cross_entropy(logits, targets[supervised], reduction="none")  # (N,)
+    row = supervised.nonzero()[:, 0]                           # (N,): each token's row
+    G = int(group_index.max()) + 1
+    view_group = group_index.repeat(2)[row] + G * (row >= B)  # (N,): originals 0..G-1, paraphrases G..2G-1
+    per_view = group_mean(token_loss, view_group, 2 * G)       # (2G,)
+    return per_view[:G] + per_view[G:]
 
 
-def supervised_tokens(batch):
-    """(originals, paraphrases): the supervised tokens of each view of a collated batch, as supervised_ce_sum
-    counts them."""
-    B = len(batch["ids"])
-    supervised = batch["labels"][:, 1:] != IGNORE_INDEX  # (2B, T-1)
-    return int(supervised[:B].sum()), int(supervised[B:].sum())
+def micro_batch_loss(model, batch, step_groups, temperature, lam, contrastive=True, within_groups=True):
+    """One forward over the 2B rows of `batch`; returns (the loss to backpropagate, metric sums).
 
-
-def micro_batch_loss(model, batch, window_tokens, k, temperature, lam, contrastive=True):
-    """One forward over the 2B rows of `batch`; returns (the loss to backpropagate, metrics).
-
-    window_tokens: (originals, paraphrases) supervised tokens over the whole window of k micro-batches, so the
-    generation terms summed over the window are its token means, exactly as one big batch would give. The
-    CoIN rule sees this micro-batch's L_gen at the scale of a whole step (times k), and each micro-batch's
-    total is divided by k: the step's loss is L_gen(window) + the mean over micro-batches of w * L_ctr.
+    The loss is the sum of this micro-batch's loss_g divided by step_groups, the groups of the whole step, so
+    that the gradients accumulated over a step are those of the mean over its groups: the same for any
+    micro-batch size. Metric sums are over the micro-batch's groups.
     """
-    B = batch["input_ids"].shape[0] // 2
+    group_index = batch["group_index"]
+    B = len(group_index)
     hidden = model.hidden_states(batch["input_ids"])  # (2B, T, D): right-padded, so causal attention is exact
-    labels = batch["labels"]
-    gen = k * (supervised_ce_sum(model, hidden[:B], labels[:B]) / window_tokens[0]
-               + supervised_ce_sum(model, hidden[B:], labels[B:]) / window_tokens[1])
-    if not contrastive:
-        return gen / k, dict(gen=gen.item(), ctr=0.0, weight=0.0)
-    pooled = pool_last_token(hidden, batch["last_index"])  # (2B, D)
-    total, ctr, weight = coin_loss(pooled[:B], pooled[B:], gen, temperature, lam)
-    return total / k, dict(gen=gen.item(), ctr=ctr.item(), weight=weight.item())
+    gen = generation_loss(model, hidden, batch["labels"], group_index)  # (G,)
+    ctr = weight = torch.zeros_like(gen)
+    total = gen
+    if contrastive:
+        pooled = pool_last_token(hidden, batch["last_index"])  # (2B, D)
+        ctr = info_nce(pooled[:B], pooled[B:], group_index, temperature, within_groups)  # (G,)
+        total, weight = coin_loss(gen, ctr, lam)
+    parts = {name: value.sum().item() for name, value in
+             dict(loss=total, gen=gen, ctr=ctr, weight=weight).items()}
+    return total.sum() / step_groups, dict(parts, groups=len(gen))
 
 
-def learning_rate(step, total_steps, peak_lr, warmup_ratio):
-    """Linear warmup over warmup_ratio of the steps, then linear decay to 0 (HF's default schedule)."""
-    warmup = max(1, math.ceil(warmup_ratio * total_steps))
-    if step < warmup:
-        return peak_lr * (step + 1) / warmup
-    return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+def learning_rate(step, total_steps, peak_lr, warmup_steps):
+    """The learning rate of optimizer step `step` (0-based): HF's get_linear_schedule_with_warmup, which the
+    official Trainer uses: linear from 0 over warmup_steps (so the first update has lr 0), then linear decay
+    to 0 at total_steps."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 # -----------------------------------------------------------------------------
@@ -204,26 +228,23 @@ def build_model(cfg, device, dtype):
     return model.train(), tokenizer, lora
 
 
-def training_steps(groups, batch_size, micro_batch_size, seed):
-    """Yield the micro-batches (lists of dataset indices) of each optimizer step, epoch after epoch.
+def epoch_steps(groups, cfg, epoch):
+    """The micro-batches (lists of dataset indices) of each optimizer step of one epoch: windows of
+    k = batch_size // micro_batch_size micro-batches, the groups reshuffled per epoch (data.micro_batches),
+    deterministically, so a resumed run just skips the steps it has done. As HF's Trainer (the official
+    run), an epoch's last partial window is not stepped, unless the epoch is shorter than one window."""
+    k = cfg.batch_size // cfg.micro_batch_size
+    batches = micro_batches(groups, cfg.micro_batch_size, cfg.seed, epoch, cfg.shuffle)
+    return [batches[start:start + k] for start in range(0, max(1, len(batches) // k) * k, k)]
 
-    A step is a window of batch_size // micro_batch_size micro-batches; the last window of an epoch may be
-    shorter. Each epoch reshuffles the groups (data.micro_batches), deterministically, so a resumed run just
-    skips the steps it has done.
-    """
-    k = batch_size // micro_batch_size
+
+def training_steps(groups, cfg):
     for epoch in itertools.count():
-        batches = micro_batches(groups, micro_batch_size, seed, epoch)
-        for start in range(0, len(batches), k):
-            yield batches[start:start + k]
+        yield from epoch_steps(groups, cfg, epoch)
 
 
 def count_steps(groups, cfg):
-    if cfg.max_steps:
-        return cfg.max_steps
-    k = cfg.batch_size // cfg.micro_batch_size
-    return sum(math.ceil(len(micro_batches(groups, cfg.micro_batch_size, cfg.seed, e)) / k)
-               for e in range(cfg.epochs))
+    return cfg.max_steps or sum(len(epoch_steps(groups, cfg, epoch)) for epoch in range(cfg.epochs))
 
 
 def autocast(device, dtype):
@@ -269,6 +290,9 @@ def set_up(cfg):
     examples, problems = load_examples(cfg.data, skip_bad=cfg.skip_bad)
     if problems:
         print(f"{cfg.data}: skipped {len(problems)} bad lines (--skip-bad); first: {problems[0]}")
+    if not 0 <= cfg.holdout < len(examples):
+        raise ValueError(f"--holdout {cfg.holdout}: {cfg.data} has {len(examples)} examples; hold out fewer")
+    examples = examples[:len(examples) - cfg.holdout]  # CoIN's validation split: the file's last rows
     checkpoint = find_run(out, cfg.resume, cfg.overwrite)
     if cfg.tiny and not cfg.base:
         cfg = replace(cfg, base=str(build_tiny_base(out / "base", examples, cfg.seed)))
@@ -277,64 +301,59 @@ def set_up(cfg):
     cfg = replace(cfg, **lora)  # recorded in config.json
     if cfg.overwrite:
         clear_run(out)
-    dataset = ContrastiveDataset(examples, tokenizer, cfg.cutoff, cfg.eos)
-    print(f"{len(dataset)} examples in {len(dataset.groups)} groups; dropped {dataset.dropped} that do not "
-          f"fit --cutoff {cfg.cutoff} and {dataset.orphans} left without a group partner")
+    dataset = ContrastiveDataset(examples, tokenizer, cfg.cutoff, cfg.eos, cfg.truncation)
+    print(f"{len(dataset)} examples in {len(dataset.groups)} groups; dropped {dataset.dropped} with no "
+          f"answer token within --cutoff {cfg.cutoff} and {dataset.orphans} left without a group partner")
+    if not dataset.groups:
+        raise ValueError(f"{cfg.data}: no group left to train on; raise --cutoff or use --truncation middle")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=0.0)  # HF Trainer's defaults, as in alpaca-lora
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return Run(cfg, model, dataset, tokenizer.pad_id, optimizer, scaler, device, dtype), checkpoint
 
 
-def describe_setup(run):
-    """Trainable parameters, dtypes and the predicted peak memory, printed before the first step."""
-    params, cfg = list(run.model.parameters()), run.cfg
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    frozen = sum(p.numel() for p in params if not p.requires_grad)
-    dtypes = sorted({(str(p.dtype), p.requires_grad) for p in params})
-    rows = 2 * cfg.micro_batch_size
-    memory = estimate_training_memory(run.model.args, rows, cfg.cutoff, targets=cfg.lora_targets.split(","),
-                                      grad_checkpointing=cfg.grad_checkpointing, r=cfg.lora_r,
-                                      weight_bytes=run.model.lm_head.weight.element_size())
-    gib = {name: n / 2**30 for name, n in memory.items()}
-    return "\n".join([
-        f"trainable parameters: {trainable:,} ({100 * trainable / (trainable + frozen):.2f}%) in LoRA "
-        f"(r={cfg.lora_r}, alpha={cfg.lora_alpha}, on {cfg.lora_targets}); frozen: {frozen:,}",
-        "parameter dtypes: " + ", ".join(f"{d} ({'trainable' if t else 'frozen'})" for d, t in dtypes),
-        f"predicted peak memory on a GPU ({rows} rows x {cfg.cutoff} tokens): {sum(gib.values()):.2f} GiB ("
-        + ", ".join(f"{name} {n:.2f}" for name, n in gib.items()) + ")"])
+def negatives_per_anchor(batches, within_groups):
+    """(negatives, hard negatives) per anchor, averaged over a step's examples."""
+    negatives, hard, n = 0, 0, 0
+    for batch in batches:
+        group_index = batch["group_index"]
+        partners = torch.bincount(group_index)[group_index] - 1  # (B,): the other members of each one's group
+        hard, n = hard + int(partners.sum()), n + len(group_index)
+        negatives += int(partners.sum()) if within_groups else len(group_index) * (len(group_index) - 1)
+    return negatives / n, hard / n
 
 
 def train_step(run, batches, lr):
     """One optimizer step over collated micro-batches; returns its metrics (skipped: fp16 overflow)."""
-    started, cfg, k = time.perf_counter(), run.cfg, len(batches)
+    started, cfg = time.perf_counter(), run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    window_tokens = [sum(counts) for counts in zip(*map(supervised_tokens, batches))]
-    record = dict(loss=0.0, gen=0.0, ctr=0.0, weight=0.0)
+    step_groups = sum(int(batch["group_index"].max()) + 1 for batch in batches)
+    record = dict(loss=0.0, gen=0.0, ctr=0.0, weight=0.0)  # means over the step's groups
     for batch in batches:
         with autocast(run.device, run.dtype):
             device_batch = {key: v.to(run.device) for key, v in batch.items() if torch.is_tensor(v)}
-            loss, parts = micro_batch_loss(run.model, device_batch, window_tokens, k, cfg.temperature,
-                                           cfg.lam, cfg.contrastive)
+            loss, parts = micro_batch_loss(run.model, device_batch, step_groups, cfg.temperature, cfg.lam,
+                                           cfg.contrastive, cfg.negatives == "group")
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite loss (gen {parts['gen']}, ctr {parts['ctr']}) on examples "
                                      f"{', '.join(batch['ids'])}")
         run.scaler.scale(loss).backward()
-        record["loss"] += loss.item()
-        for key, value in parts.items():
-            record[key] += value / k
+        for key in record:
+            record[key] += parts[key] / step_groups
     run.scaler.unscale_(run.optimizer)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # HF Trainer's max_grad_norm
     scale = run.scaler.get_scale()
     run.scaler.step(run.optimizer)  # skipped by the scaler when fp16 gradients overflowed
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    negatives, hard = negatives_per_anchor(batches, cfg.negatives == "group")
     tokens, seconds = sum(int(b["attention_mask"].sum()) for b in batches), time.perf_counter() - started
     return dict(**record, lr=lr, grad_norm=grad_norm.item(), examples=sum(len(b["ids"]) for b in batches),
-                negatives_per_anchor=sum(len(b["ids"]) - 1 for b in batches) / k,
-                supervised_tokens=sum(window_tokens), tokens_per_s=round(tokens / seconds),
+                groups=step_groups, negatives_per_anchor=negatives, hard_negatives_per_anchor=hard,
+                supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+                tokens_per_s=round(tokens / seconds),
                 skipped=int(run.scaler.is_enabled() and run.scaler.get_scale() < scale))
 
 
@@ -342,12 +361,15 @@ def train(cfg):
     """Train a CoIN LoRA adapter as `cfg` says; returns the output directory."""
     run, checkpoint = set_up(cfg)
     cfg, out, model = run.cfg, Path(run.cfg.out), run.model
-    state = restore_checkpoint(checkpoint, model, run.optimizer) if checkpoint else dict(step=0, skipped=0)
-    step, skipped, total_steps = state["step"], state["skipped"], count_steps(run.dataset.groups, cfg)
+    state = restore_checkpoint(checkpoint, model, run.optimizer, run.scaler) if checkpoint else {}
+    step, skipped = state.get("step", 0), state.get("skipped", 0)
+    total_steps = count_steps(run.dataset.groups, cfg)
+    warmup_steps = int(len(run.dataset) / cfg.batch_size * cfg.warmup_ratio)  # the official count
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "config.json", json.dumps(asdict(cfg), indent=2))
-    print(describe_setup(run))
-    windows = training_steps(run.dataset.groups, cfg.batch_size, cfg.micro_batch_size, cfg.seed)
+    print(training_summary(model, 2 * cfg.micro_batch_size, cfg.cutoff, cfg.grad_checkpointing,
+                           cfg.lora_targets.split(","), cfg.lora_r))
+    windows = training_steps(run.dataset.groups, cfg)
     bar = tqdm(itertools.islice(windows, step, total_steps), total=total_steps, initial=step, desc="coin",
                dynamic_ncols=True)
     metrics, stop, started = open_metrics(out, step), StopOnCtrlC(), time.perf_counter()
@@ -355,7 +377,7 @@ def train(cfg):
         for window in bar:
             batches = [collate([run.dataset[i] for i in indices], run.pad_id) for indices in window]
             try:
-                record = train_step(run, batches, learning_rate(step, total_steps, cfg.lr, cfg.warmup_ratio))
+                record = train_step(run, batches, learning_rate(step, total_steps, cfg.lr, warmup_steps))
             except FloatingPointError as e:
                 raise FloatingPointError(f"step {step + 1}: {e}; stopped, the last good checkpoint is kept "
                                          f"in {out}") from None
@@ -367,7 +389,7 @@ def train(cfg):
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 bar.write(f"measured peak GPU memory after step 1: {peak:.2f} GiB")
             if step % cfg.save_every == 0 or step == total_steps or stop:
-                save_checkpoint(out, model, run.optimizer, cfg, step, skipped)
+                save_checkpoint(out, model, run.optimizer, run.scaler, cfg, step, skipped)
             if stop:
                 bar.write(f"interrupted: saved step {step} in {out}; continue with --resume")
                 return out

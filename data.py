@@ -16,24 +16,26 @@ labels), which rows are positives (the two views of one line), and which rows ar
   `load_examples` reports each bad line as "path:line: reason" and refuses the file unless skip_bad.
   prepare_data.py builds such a file from FLAN templates, or imports the official CoIN CSV.
 
-2. input = BOS + ids(PROMPT_TEMPLATE with the instruction) + ids(target) + EOS. The label boundary is the
-  length of the prompt ids because the two id lists are concatenated. Re-tokenizing prompt + target instead
-  would merge "Answer: " + "yes" into "▁yes" and move the boundary by one token.
+2. A view is tokenized as CoIN's generate_and_tokenize_prompt does (run_contrastive_llama.py): BOS + ids of
+  prompt + target as one string, where prompt = PROMPT_TEMPLATE with the instruction; the labels mask the
+  first len(BOS + ids(prompt)) positions. After "Response:\n" the answer starts a new piece, "yes" (no "▁"):
 
-       input_ids   <s> Premise: ... OPTIONS:\n- yes\n- no\n\n### Response:\n  ▁yes  </s>  pad   pad
-       labels      -100 ...................................................  ▁yes  </s>  -100  -100
+       input_ids   <s> Premise: ... OPTIONS:\n- yes\n- no\n\n### Response:\n  yes  pad   pad
+       labels      -100 ...................................................  yes  -100  -100
 
-  Over the cutoff, a prompt loses its *middle*: FLAN puts task words at the start or the end and the options
-  and "### Response:" at the end, with long passages in between. Cutting the right (alpaca-lora) would cut the
-  target; cutting the left would drop the instruction and make long examples' two views the same text. The
-  target is never cut: an example whose target + EOS cannot fit is dropped and counted.
+  CoIN appends no EOS (add_eos_token False); --eos does, when the row is under the cutoff. The pooled state
+  is each row's last answer token either way (pool_index), never EOS or a pad.
+  Over the cutoff, truncation "right" keeps the first `cutoff` tokens, as CoIN's tokenizer call does: a long
+  prompt can cut the answer. "middle" keeps the answer whole and cuts the prompt's middle instead: FLAN puts
+  task words at the start or the end, the options and "### Response:" at the end. An example with no answer
+  token left in a view is dropped and counted (CoIN would keep it, supervising nothing).
 
 3. `micro_batches` shuffles whole groups per (seed, epoch) and packs them; `collate` stacks the two views:
 
        rows [0:B]   originals     a1  n1  a2  n2      B = 4: groups {a1, n1} and {a2, n2}
        rows [B:2B]  paraphrases   a1' n1' a2' n2'     row i and row B+i: the two views of one example
-       -> input_ids, attention_mask, labels (2B, T), right-padded;
-          last_index (2B,): each row's last real token
+       -> input_ids, attention_mask, labels (2B, T), right-padded; last_index (2B,): each row's last
+          answer token; group_index (B,): each example's group, numbered 0..G-1 within the micro-batch
 
 Shape legend: B examples per micro-batch, T the longest row of the micro-batch.
 
@@ -53,7 +55,7 @@ from files import read_jsonl
 
 # label of unsupervised positions; the default ignore_index of F.cross_entropy (and HF, CoIN)
 IGNORE_INDEX = -100
-PROMPT_TEMPLATE = "{instruction}\n\n### Response:\n"  # CoIN's training format (alpaca-style response marker)
+PROMPT_TEMPLATE = "{instruction}\n\n### Response:\n"  # CoIN's generate_flan_input (utils/common_utils.py)
 CUTOFF = 256  # max tokens per row, BOS and EOS included: alpaca-lora's cutoff_len default (finetune.py)
 MAX_REPORTED = 20  # bad lines listed in an error report
 
@@ -127,46 +129,54 @@ def load_examples(path, skip_bad=False):
 # 2. Tokenization and label masks
 
 
-def tokenize_view(tokenizer, prompt, target, cutoff=CUTOFF, eos=True):
-    """(input_ids, labels) lists for one prompt and target, or None when target (+ EOS) leaves no room for BOS
-    and one prompt token, or has no token at all.
-    labels[t] is the token at t (HF convention; the loss shifts)."""
-    prompt_ids = tokenizer.encode(prompt, bos=False)
-    target_ids = tokenizer.encode(target, bos=False, eos=eos)
-    room = cutoff - 1 - len(target_ids)  # prompt tokens that fit after BOS
-    if not target_ids or room < 1:
+def tokenize_view(tokenizer, prompt, target, cutoff=CUTOFF, eos=False, truncation="right"):
+    """(input_ids, labels, pool_index) of one view, or None when no answer token fits (section 2 above).
+
+    labels[t] is the token at t (HF convention; the loss shifts); pool_index: the last answer token.
+    """
+    n_prompt = len(tokenizer.encode(prompt))  # BOS + prompt: the positions CoIN masks
+    ids = tokenizer.encode(prompt + target)  # one string, as CoIN tokenizes it
+    if truncation == "middle" and len(ids) + eos > cutoff:
+        room = cutoff - eos - 1 - (len(ids) - n_prompt)  # prompt tokens that fit after BOS
+        if room < 1:
+            return None
+        head = room // 2  # keep the first and the last half of the room
+        ids, n_prompt = ids[:1 + head] + ids[n_prompt - (room - head):], 1 + room
+    ids = ids[:cutoff]
+    if len(ids) <= n_prompt:
         return None
-    if len(prompt_ids) > room:  # cut the middle: keep the first and the last half of the room
-        head = room // 2
-        prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (room - head):]
-    input_ids = [tokenizer.bos_id] + prompt_ids + target_ids
-    return input_ids, [IGNORE_INDEX] * (1 + len(prompt_ids)) + target_ids
+    pool_index = len(ids) - 1
+    if eos and len(ids) < cutoff:
+        ids = ids + [tokenizer.eos_id]
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:], pool_index
 
 
-def tokenize_example(example, tokenizer, cutoff=CUTOFF, eos=True):
-    """{"id", "original": (input_ids, labels), "paraphrase": (input_ids, labels)} as int32 tensors, or None if
-    the target does not fit.
-    Each view is truncated on its own; they share the target, so both fit or neither."""
-    views = [tokenize_view(tokenizer, PROMPT_TEMPLATE.format(instruction=text), example.target, cutoff, eos)
-             for text in (example.original, example.paraphrase)]
-    if views[0] is None:
-        return None
-    # int32 tensors: 4 bytes a token, where a Python int in a list costs about 36
-    original, paraphrase = (tuple(torch.tensor(ids, dtype=torch.int32) for ids in view) for view in views)
-    return {"id": example.id, "original": original, "paraphrase": paraphrase}
+def tokenize_example(example, tokenizer, cutoff=CUTOFF, eos=False, truncation="right"):
+    """{"id", "group", "original": (input_ids, labels, pool_index), "paraphrase": (...)}, or None when a view
+    has no answer token left. ids and labels are int32 tensors: 4 bytes a token, where a list costs ~36."""
+    views = []
+    for text in (example.original, example.paraphrase):
+        view = tokenize_view(tokenizer, PROMPT_TEMPLATE.format(instruction=text), example.target, cutoff, eos,
+                             truncation)
+        if view is None:
+            return None
+        ids, labels, pool_index = view
+        views.append((torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32),
+                      pool_index))
+    return {"id": example.id, "group": example.group, "original": views[0], "paraphrase": views[1]}
 
 
 class ContrastiveDataset:
     """Tokenized examples, regrouped: items of a group are contiguous, and groups[g] lists their indices.
 
-    dropped counts examples whose target does not fit the cutoff; orphans counts examples dropped because
+    dropped counts examples with no answer token within the cutoff; orphans counts examples dropped because
     their group was left with one member (it could not be contrasted).
     """
 
-    def __init__(self, examples, tokenizer, cutoff=CUTOFF, eos=True):
+    def __init__(self, examples, tokenizer, cutoff=CUTOFF, eos=False, truncation="right"):
         by_group, self.dropped = {}, 0
         for example in examples:
-            item = tokenize_example(example, tokenizer, cutoff, eos)
+            item = tokenize_example(example, tokenizer, cutoff, eos, truncation)
             self.dropped += item is None
             if item is not None:
                 by_group.setdefault(example.group, []).append(item)
@@ -187,18 +197,20 @@ class ContrastiveDataset:
 # 3. Batching: whole groups per micro-batch, originals then paraphrases
 
 
-def micro_batches(groups, micro_batch_size, seed, epoch):
+def micro_batches(groups, micro_batch_size, seed, epoch, shuffle=True):
     """Dataset indices per micro-batch for one epoch: the groups shuffled with a Random seeded by
-    (seed, epoch), then packed greedily in that order. A group is never split: when the next group does not
-    fit, the current micro-batch closes short and a new one starts, so micro-batches hold 2..micro_batch_size
-    examples. Pure and deterministic, so a resumed run recomputes the same list and skips to micro-batch k."""
+    (seed, epoch), or in file order as CoIN reads them (shuffle False), then packed greedily in that order.
+    A group is never split: when the next group does not fit, the current micro-batch closes short and a new
+    one starts, so micro-batches hold 2..micro_batch_size examples. Pure and deterministic, so a resumed run
+    recomputes the same list and skips to micro-batch k."""
     largest = max(map(len, groups), default=0)
     if largest > micro_batch_size:
         raise ValueError(f"a group has {largest} examples but the micro-batch size is {micro_batch_size}; "
                          f"raise --micro-batch-size to at least {largest} "
                          "so every group fits in one micro-batch")
     order = list(range(len(groups)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)  # str seed: sha512, never Python's salted hash()
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)  # str seed: sha512, never Python's salted hash()
     batches, current = [], []
     for g in order:
         if len(current) + len(groups[g]) > micro_batch_size:
@@ -211,16 +223,20 @@ def micro_batches(groups, micro_batch_size, seed, epoch):
 def collate(items, pad_id):
     """Dataset items -> one batch of 2B right-padded rows: originals in [0:B], paraphrases in [B:2B].
 
-    input_ids, attention_mask, labels: (2B, T) long; last_index: (2B,) long; ids: the B example ids.
+    input_ids, attention_mask, labels: (2B, T) long; last_index: (2B,) long, each row's last answer token;
+    group_index: (B,) long, groups numbered 0..G-1 in order of appearance; ids: the B example ids.
     """
     rows = [item["original"] for item in items] + [item["paraphrase"] for item in items]
-    width = max(len(input_ids) for input_ids, _ in rows)
+    width = max(len(input_ids) for input_ids, _, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (2B, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (2B, T): pads unsupervised
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
-    for r, (ids, row_labels) in enumerate(rows):
+    for r, (ids, row_labels, _) in enumerate(rows):
         input_ids[r, :len(ids)] = torch.as_tensor(ids)
         labels[r, :len(ids)] = torch.as_tensor(row_labels)
         attention_mask[r, :len(ids)] = 1
+    number = {}  # group name -> its number in this micro-batch
+    group_index = [number.setdefault(item["group"], len(number)) for item in items]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "last_index": attention_mask.sum(1) - 1, "ids": [item["id"] for item in items]}
+            "last_index": torch.tensor([pool_index for _, _, pool_index in rows]),
+            "group_index": torch.tensor(group_index), "ids": [item["id"] for item in items]}

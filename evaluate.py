@@ -1,18 +1,23 @@
-"""evaluate.py: GLUE accuracy under clean and perturbed instructions, PromptBench's protocol (CoIN's Table 2):
+"""evaluate.py: GLUE accuracy under clean and perturbed instructions: CoIN's evaluation (Table 2), exactly.
 
     cells    (task, group, prompt): 10 GLUE validation sets x the prompt file's groups (clean, deepwordbug,
-             textfooler, checklist, semantic) x their instructions (6 each), all on the same examples per task
-    samples  min(300, size) examples per task, drawn once by an RNG seeded with "seed:task" (SHA-512 hashed:
-             the same in every process), saved to samples.json and reused; another seed or size is an error
-    input    "{instruction} {content} ### Response:", glue.CONTENT laying out a task's fields
+             textfooler, checklist, semantic) x their instructions (6 each)
+    samples  --protocol coin, CoIN's draws: per task, a Random(--seed 42) draws min(300, size) examples for
+             each group in turn (clean, deepwordbug, textfooler, checklist, semantic, then the file's others),
+             so a task's groups are scored on different examples. --protocol paired: one draw per task,
+             shared by its groups, so that groups differ in wording only, not in examples. Saved, reused
+    input    instruction + content + "### Response:", CoIN's string: nothing stripped, no space inserted (99
+             of the paper's 240 instructions end without one); glue.CONTENT lays out a task's fields
              (--format train: data.PROMPT_TEMPLATE around "{instruction} {content}", what coin.py trains on)
     answer   greedy decoding of at most 7 new tokens, stopping at eos, batched by length into model.generate
              (in fp32 the same tokens as one input at a time, tested; in bf16, padding can flip near-ties)
-    parsing  the answer, lowercased and stripped of surrounding punctuation, quotes and whitespace, predicts
-             the label word it starts with, longest first ("neutral, because" -> neutral); else it is invalid:
-             wrong, and reported as the invalid rate ("not entailment" too; PromptBench would read entailment)
-    score    accuracy per cell; per task x group the mean and population std over prompts (Table 2), averaged
-             into categories (Table 1); consistency: the fraction of examples predicted alike by all prompts
+    parsing  CoIN's: input and answer decoded together, lowercased, rid of "<pad>" and "</s>", split at the
+             input; the rest, stripped of STRIP, is the first of glue.ANSWERS[task] it starts with ("1" is
+             positive for sst2, "0." entailment for rte), else invalid: wrong, and reported as the invalid
+             rate ("not entailment" too)
+    score    accuracy per cell; mean and population std over a task x group's prompts, and over all of a
+             group's cells (Table 2's Average); categories (Table 1); consistency: the fraction of a group's
+             examples predicted alike by all its prompts
 
 Outputs, in --out (default <ckpt>/results): samples.json, predictions.jsonl (a line per example), results.json
 (percent) and table.md, rewritten atomically after each cell; --resume recomputes only the cells not complete.
@@ -27,7 +32,6 @@ M label tokens. Next: read the tests; tests/test_evaluate.py pins this protocol 
 """
 import json
 import random
-import string
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -41,7 +45,7 @@ from tqdm import tqdm
 from config import DTYPES, opt, parse_flags, resolve_precision
 from data import PROMPT_TEMPLATE
 from files import read_jsonl, write_atomically
-from glue import CATEGORIES, LABELS, MNLI_PARTS, TASKS, load_task
+from glue import ANSWERS, CATEGORIES, LABELS, MNLI_PARTS, TASKS, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
 from model import generate
 from report import hidden_report, render_tables
@@ -51,30 +55,31 @@ from report import hidden_report, render_tables
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "perturbed.json"  # written by perturb.py
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-STRIP = string.punctuation + string.whitespace + "‘’“”"  # stripped off both ends of an answer
+# CoIN's draw order: postprocessing.py's ALL_PERTURB_METHODS, the attacks run_contrastive_llama.py loops over.
+DRAW_ORDER = ("clean", "deepwordbug", "textfooler", "checklist", "semantic")
+# What CoIN strips off an answer: inference.py's _process_cls_pred literal
+# ",._\"\'-+=!?()&^%$#@:\\|\{\}[]<>/`\n\t\r\v\f\u200b " as Python reads it ("\{" is a backslash and a brace).
+STRIP = ",._\"'-+=!?()&^%$#@:\\|{}[]<>/`" + "\n\t\r\v\f\u200b "
 
 
 @dataclass
 class EvalConfig:
     # What to evaluate
     ckpt: str = opt("", "coin.py output dir: a peft adapter + config.json whose 'base' names the base model")
-    base: str = opt("", "HF LLaMA dir: overrides the checkpoint's base, "
-                    "or is evaluated alone / with --adapter")
+    base: str = opt("", "HF LLaMA dir: the checkpoint's base, or a model evaluated alone / with --adapter")
     adapter: str = opt("", "peft LoRA dir to put on --base (e.g. alpaca-lora-7b, the Alpaca baseline)")
-    # Protocol (PromptBench, as CoIN §4.3 uses it)
+    # Protocol (CoIN's PromptBench, §4.3)
     glue_dir: str = opt("", "GLUE download-script layout or <task>.jsonl files; empty: HF `datasets`")
-    prompts: str = opt(str(DEFAULT_PROMPTS),
-                       "prompt file {group: {task: [instructions]}} (perturb.py's format)")
+    prompts: str = opt(str(DEFAULT_PROMPTS), "prompt file {group: {task: [instructions]}} (perturb.py's)")
     tasks: str = opt("all", "comma list of tasks")
     groups: str = opt("all", "comma list of the prompt file's groups")
-    samples: int = opt(300, "examples per task: min(N, size) (PromptBench, CoIN: 300)")
-    seed: int = opt(0, "seed of each task's sample draw")
-    format: str = opt("paper", "paper: '{instruction} {content} ### Response:'; train: coin.py's format",
-                      choices=("paper", "train"))
-    max_new_tokens: int = opt(7, "greedy tokens per answer "
-                              "(the protocol: 7; not_entailment is 5 LLaMA tokens)")
-    mode: str = opt("generate", "generate (the paper's protocol) or rank (label log-likelihood)",
-                    choices=("generate", "rank"))
+    protocol: str = opt("coin", "coin: CoIN's draws; paired: one draw per task for all groups",
+                        choices=("coin", "paired"))
+    samples: int = opt(300, "examples per task and group: min(N, size) (CoIN: 300)")
+    seed: int = opt(42, "seed of the sample draws (CoIN's seed_all(42))")
+    format: str = opt("coin", "coin: CoIN's input; train: coin.py's format", choices=("coin", "train"))
+    max_new_tokens: int = opt(7, "greedy tokens per answer (CoIN: 7; not_entailment is 5 LLaMA tokens)")
+    mode: str = opt("generate", "generate (CoIN's) or rank (label likelihood)", choices=("generate", "rank"))
     # Outputs and the hidden-state report
     out: str = opt("", "results dir (default: <ckpt>/results, or results_rank)")
     resume: bool = opt(False, "skip the cells already complete in the results dir")
@@ -86,24 +91,37 @@ class EvalConfig:
 
 
 # -----------------------------------------------------------------------------
-# 2. Samples: a seeded draw per task, saved and reused
+# 2. Samples: seeded draws per task and group, saved and reused
 
-def draw_indices(task, size, n, seed):
-    """Sorted positions of min(n, size) examples, from an RNG of this (seed, task) alone."""
-    return sorted(random.Random(f"{seed}:{task}").sample(range(size), min(n, size)))
+def draw_indices(protocol, task, size, n, seed, groups):
+    """{group: example positions} for each of `groups`, drawn in their order."""
+    if protocol == "paired":
+        shared = sorted(random.Random(f"{seed}:{task}").sample(range(size), min(n, size)))
+        return {group: shared for group in groups}
+    # CoIN evaluates one task per process (scripts/eval_contrastive.sh): seed_all(42) seeds Python's `random`
+    # (utils/common_utils.py), then each attack's dataload.GLUE(task, 300) keeps the order of random.sample(
+    # range(len(data)), min(task_to_cnt[task], 300)) (task_to_cnt: the sizes). Our assumption: nothing else
+    # in between draws from Python's `random` (loading and greedy decoding use torch's), so Random(seed)
+    # replays it, one draw after another.
+    rng = random.Random(seed)
+    return {group: rng.sample(range(size), min(n, size)) for group in groups}
 
 
-def load_or_draw_samples(path, sizes, n, seed):
-    """{task: indices}: those saved in `path`, new draws for the other tasks; saved back."""
-    saved = json.loads(path.read_text()) if path.is_file() else {"seed": seed, "samples": n, "tasks": {}}
-    if (saved["seed"], saved["samples"]) != (seed, n):
-        raise ValueError(f"{path}: drawn with --seed {saved['seed']} --samples {saved['samples']}; "
-                         "pass those, or use another --out")
+def load_or_draw_samples(path, sizes, groups, cfg):
+    """{task: {group: indices}}: those saved in `path`, new draws for the others; saved back."""
+    fresh = {"protocol": cfg.protocol, "seed": cfg.seed, "samples": cfg.samples, "tasks": {}}
+    saved = json.loads(path.read_text()) if path.is_file() else fresh
+    for flag in ("protocol", "seed", "samples"):
+        if saved.get(flag) != fresh[flag]:
+            raise ValueError(f"{path}: drawn with --{flag} {saved.get(flag, '(unset)')}; "
+                             f"use the same --{flag}, or another --out")
     for task, size in sizes.items():
-        entry = saved["tasks"].setdefault(task, {"size": size, "indices": draw_indices(task, size, n, seed)})
+        entry = saved["tasks"].setdefault(task, {"size": size, "indices": {}})
         if entry["size"] != size:
             raise ValueError(f"{path}: {task} had {entry['size']} examples when drawn, now {size}; "
                              "use another --out")
+        drawn = draw_indices(cfg.protocol, task, size, cfg.samples, cfg.seed, groups)
+        entry["indices"] = {**drawn, **entry["indices"]}  # the saved draws stay
     write_atomically(path, json.dumps(saved))
     return {task: saved["tasks"][task]["indices"] for task in sizes}
 
@@ -135,20 +153,25 @@ def instructions(prompt_set, group, task):
     return table[key]
 
 
-def build_input(instruction, content, fmt="paper"):
-    """The model's input. paper: PromptBench's input with CoIN's response marker; train: coin.py's format."""
-    if fmt == "paper":
-        return f"{instruction.strip()} {content} ### Response:"
+def build_input(instruction, content, fmt="coin"):
+    """The model's input. coin: CoIN's, byte for byte (inference.py's _process_cls_input, zero-shot: nothing
+    stripped, no space inserted); train: coin.py's format."""
+    if fmt == "coin":
+        return instruction + content + "### Response:"
     return PROMPT_TEMPLATE.format(instruction=f"{instruction.strip()} {content}")
 
 
 # -----------------------------------------------------------------------------
 # 4. Predictions: generate and parse, or rank the labels
 
-def parse_label(text, labels):
-    """The label word `text` starts with once lowercased and stripped of punctuation, or None (invalid)."""
-    text = text.lower().strip(STRIP)
-    return next((label for label in sorted(labels, key=len, reverse=True) if text.startswith(label)), None)
+def parse_answer(task, decoded, input_text, answer):
+    """The label word CoIN's _process_cls_pred (inference.py) reads, or None (invalid). decoded: the input
+    and answer ids decoded together, as CoIN decodes generate's output; answer: the answer ids alone."""
+    text, marker = decoded.lower().replace("<pad>", "").replace("</s>", ""), input_text.lower()
+    # CoIN takes text.split(marker)[1]; where decoding does not give the input back it would crash with an
+    # IndexError, and we read the answer alone instead.
+    text = (text.split(marker)[1] if marker in text else answer.lower()).strip(STRIP)
+    return next((LABELS[task][label] for word, label in ANSWERS[task] if text.startswith(word)), None)
 
 
 def generate_batched(model, prompts, batch_size, max_new_tokens, eos_id, pad_id, on_batch=None):
@@ -185,15 +208,18 @@ def rank_scores(model, prompts, continuations, pad_id):
     return scores.view(len(prompts), len(continuations)).cpu()  # (B, K)
 
 
-def predict(model, tokenizer, texts, labels, cfg, on_batch=None):
-    """[(raw, pred)] per input. raw: the decoded answer (generate) or {label: log-likelihood} (rank)."""
-    prompts = [tokenizer.encode(t, bos=True) for t in texts]
+def predict(model, tokenizer, texts, task, cfg, on_batch=None):
+    """[(raw, pred)] per input. raw: the decoded answer (generate) or {label: log-likelihood} (rank); pred: a
+    label word, or None."""
+    labels, prompts = LABELS[task], [tokenizer.encode(t, bos=True) for t in texts]
     if cfg.mode == "generate":
         new = generate_batched(model, prompts, cfg.batch_size, cfg.max_new_tokens, tokenizer.eos_id,
                                tokenizer.pad_id, on_batch)
-        return [(raw, parse_label(raw, labels)) for raw in map(tokenizer.decode, new)]
-    # Each label is tokenized on its own, as data.py tokenizes training answers: "positive" -> "▁positive",
-    # the piece a model writes after "Response:" (or after the train format's final "\n").
+        raws = [tokenizer.decode(ids) for ids in new]  # decode drops control ids, as skip_special_tokens does
+        return [(raw, parse_answer(task, tokenizer.decode(prompt + ids), text, raw))
+                for prompt, ids, text, raw in zip(prompts, new, texts, raws)]
+    # Each label is tokenized on its own: "positive" -> "▁positive", the piece that follows "Response:" and
+    # a space. (Training puts the answer after "Response:\n", where it starts without "▁": data.py.)
     label_ids, out = [tokenizer.encode(label, bos=False) for label in labels], []
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
@@ -233,9 +259,9 @@ def previous_cells(out_dir, protocol, cells, samples):
     kept_cells, kept_records = {}, {}
     for key, c in old["cells"].items():
         cell = (c["task"], c["group"], c["prompt_index"], c["instruction"])
-        # A cell of this plan is kept only if its instruction and its examples are unchanged.
-        unchanged = key not in cells or (cells[key] == cell and sorted(r["idx"] for r in records[key]) ==
-                                         samples[c["task"]])
+        # A cell of this plan is kept only if its instruction and its examples (in order) are unchanged.
+        unchanged = key not in cells or (cells[key] == cell and [r["idx"] for r in records[key]] ==
+                                         samples[c["task"]][c["group"]])
         if key in records and unchanged:
             kept_cells[key], kept_records[key] = cell, records[key]
     return kept_cells, kept_records
@@ -245,16 +271,16 @@ def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol):
     """Run every cell not complete yet, writing the outputs after each; return results.json's content."""
     old_cells, records = previous_cells(out_dir, protocol, cells, samples) if cfg.resume else ({}, {})
     all_cells, todo = {**old_cells, **cells}, [key for key in cells if key not in records]
-    total = sum(len(samples[cells[k][0]]) for k in todo)
+    total = sum(len(samples[cells[k][0]][cells[k][1]]) for k in todo)
     bar = tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr)
     for key in todo:
         task, group, p, instruction = cells[key]
-        examples = [data[task][i] for i in samples[task]]
+        examples = [data[task][i] for i in samples[task][group]]
         texts = [build_input(instruction, ex["content"], cfg.format) for ex in examples]
-        answers = predict(model, tokenizer, texts, LABELS[task], cfg, bar.update)
+        answers = predict(model, tokenizer, texts, task, cfg, bar.update)
         records[key] = [dict(task=task, group=group, prompt_index=p, idx=i, raw=raw, pred=pred,
                              gold=LABELS[task][ex["label"]])
-                        for i, ex, (raw, pred) in zip(samples[task], examples, answers)]
+                        for i, ex, (raw, pred) in zip(samples[task][group], examples, answers)]
         write_outputs(out_dir, all_cells, records, protocol)  # after every cell: a crash loses one at most
     bar.close()
     return write_outputs(out_dir, all_cells, records, protocol)
@@ -276,12 +302,14 @@ def write_outputs(out_dir, cells, records, protocol):
 def summarize(cells, records, protocol):
     """results.json: cells; per task x group mean and population std over prompts; consistency; averages."""
     out_cells, by_pair, answers = {}, defaultdict(list), defaultdict(lambda: defaultdict(set))
+    by_group = defaultdict(list)  # group -> the accuracy of each of its cells, in table order
     for key, (task, group, p, instruction) in cells.items():
         out_cells[key] = dict(task=task, group=group, prompt_index=p, instruction=instruction,
                               n=len(records[key]),
                               accuracy=100 * mean(r["pred"] == r["gold"] for r in records[key]),
                               invalid_rate=100 * mean(r["pred"] is None for r in records[key]))
         by_pair[task, group].append(out_cells[key])
+        by_group[group].append(out_cells[key]["accuracy"])
         for r in records[key]:
             answers[task, group][r["idx"]].add(r["pred"])  # null (invalid) counts as an answer too
     summary, consistency = defaultdict(dict), defaultdict(dict)
@@ -291,18 +319,22 @@ def summarize(cells, records, protocol):
                                     invalid_rate=mean(c["invalid_rate"] for c in cs))
         consistency[task][group] = 100 * mean(len(a) == 1 for a in answers[task, group].values())
     return dict(protocol=protocol, units="percent", cells=out_cells, summary=summary, consistency=consistency,
-                averages=averages(summary, list(dict.fromkeys(g for _, g in by_pair))))
+                averages=averages(summary, by_group))
 
 
-def averages(summary, groups):
-    """Each group's mean over its task means, over each category's task means (Table 1), and over both."""
-    by_group, by_category, all_means = {}, {}, []
-    for g in groups:
+def averages(summary, by_group):
+    """Per group: pooled, mean and population std over all its cells (task x prompt: Table 2's Average); the
+    mean of its task stds; by_group and by_category, the mean of its (category's) task means; overall."""
+    pooled, task_stds, task_means, by_category, all_means = {}, {}, {}, {}, []
+    for g, accs in by_group.items():
         means = {t: summary[t][g]["mean"] for t in TASKS if g in summary.get(t, {})}  # task -> mean
-        by_group[g], all_means = mean(means.values()), all_means + list(means.values())
+        pooled[g] = dict(mean=mean(accs), std=pstdev(accs), cells=len(accs))
+        task_stds[g] = mean(summary[t][g]["std"] for t in means)
+        task_means[g], all_means = mean(means.values()), all_means + list(means.values())
         by_category[g] = {category: mean(means[t] for t in tasks if t in means)
                           for category, tasks in CATEGORIES.items() if any(t in means for t in tasks)}
-    return dict(by_group=by_group, by_category=by_category, overall=mean(all_means) if all_means else None)
+    return dict(pooled=pooled, mean_of_task_stds=task_stds, by_group=task_means, by_category=by_category,
+                overall=mean(all_means) if all_means else None)
 
 
 # -----------------------------------------------------------------------------
@@ -377,24 +409,10 @@ def check_flags(cfg):
 
 def protocol_of(cfg, run):
     """What the predictions depend on: --resume refuses to mix runs that differ in any of these."""
-    return dict(mode=cfg.mode, format=cfg.format, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                samples=cfg.samples, dtype=DTYPE_NAMES[run.dtype], base=str(run.base.resolve()),
+    return dict(mode=cfg.mode, protocol=cfg.protocol, format=cfg.format, seed=cfg.seed, samples=cfg.samples,
+                max_new_tokens=cfg.max_new_tokens, dtype=DTYPE_NAMES[run.dtype], base=str(run.base.resolve()),
                 adapter=str(run.adapter.resolve()) if run.adapter else None,
                 glue_dir=str(Path(cfg.glue_dir).resolve()) if cfg.glue_dir else "hf:glue")
-
-
-def write_hidden_report(model, tokenizer, examples, run, cfg):
-    """--hidden-report TASK: the inputs of every group's prompts on the task's samples, given to report.py."""
-    task, texts = run.tasks[0], {}
-    for group in run.groups:
-        texts[group] = []  # prompt-major: every example under prompt 0, then under prompt 1, ...
-        for instruction in instructions(run.prompt_set, group, task):
-            texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
-    report, png = hidden_report(model, tokenizer, task, texts, len(examples), cfg.batch_size, run.out_dir)
-    for group, cosine in report["cosine_to_clean"].items():
-        print(f"{task} {group:<12} mean cosine similarity to clean {cosine:.4f}")
-    print(f"wrote {run.out_dir / 'hidden_report.json'}" +
-          (f" and {png}" if png else " (no PNG: pip install matplotlib to get the scatter)"))
 
 
 def main(argv=None):
@@ -408,12 +426,17 @@ def main(argv=None):
             load_adapter(model, run.adapter)
         run.out_dir.mkdir(parents=True, exist_ok=True)
         sizes = {task: len(data[task]) for task in run.tasks}
-        samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, cfg.samples, cfg.seed)
-        if cfg.hidden_report:
-            examples = [data[run.tasks[0]][i] for i in samples[run.tasks[0]]]
-            write_hidden_report(model, tokenizer, examples, run, cfg)
-            return
+        # All groups are drawn, in CoIN's order, whatever --groups picks: a subset sees a full run's examples.
+        groups = list(dict.fromkeys(DRAW_ORDER + tuple(run.prompt_set)))
+        samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, groups, cfg)
         cells = plan_cells(run.prompt_set, run.tasks, run.groups)
+        if cfg.hidden_report:  # every group on clean's examples: example i pairs with clean's example i
+            task, texts = run.tasks[0], defaultdict(list)  # group -> its inputs, prompt-major (by cell order)
+            examples = [data[task][i] for i in samples[task]["clean"]]
+            for _, group, _, instruction in cells.values():
+                texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
+            hidden_report(model, tokenizer, task, dict(texts), len(examples), cfg.batch_size, run.out_dir)
+            return
         results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -1,12 +1,15 @@
-"""files.py: the two file habits every coin script shares, in one place:
-atomic writes and JSONL with line numbers.
+"""files.py: the file habits the coin scripts share, in one place: atomic writes, JSONL with line numbers,
+and reading a literal out of a Python file without running it.
 
 A support module, torch-free so that perturb.py can use it too. Read it when a script first writes a file.
 
 - `write_atomically`: a crash, a Ctrl-C or a full disk leaves the old file or the new one, never half of one,
   so a checkpoint, a results file or a training file can always be read back.
 - `read_jsonl`: every non-blank line with its line number, so errors can say "path:line: reason and fix".
+- `read_python_literal`: data that other projects ship as Python (FLAN's templates.py, PromptBench's
+  config.py) is parsed with ast and never imported: the rest of such a file may be any code at all.
 """
+import ast
 import json
 import os
 from pathlib import Path
@@ -40,3 +43,27 @@ def read_jsonl(path):
                     yield lineno, json.loads(line), None
                 except json.JSONDecodeError as e:
                     yield lineno, None, f"{e.msg} at column {e.colno}"
+
+
+def read_python_literal(path, name):
+    """The value of the first top-level `name = <literal>` of a Python file, which is parsed, never run.
+
+    A ValueError says "path:line: reason: fix" when the file is not valid Python, has no such assignment, or
+    assigns something other than a plain literal (a call, a name, a comprehension). A missing file raises
+    FileNotFoundError.
+    """
+    path = Path(path)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError) as e:  # a null byte is a SyntaxError without a line number
+        line = f":{e.lineno}" if getattr(e, "lineno", None) else ""
+        raise ValueError(f"{path}{line}: not valid Python ({getattr(e, 'msg', e)}): "
+                         "fix it or use an unmodified copy of the file") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            try:
+                return ast.literal_eval(node.value)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{node.lineno}: {name} is not a plain literal ({e}): "
+                                 "write it out as literals only, with no names or calls") from None
+    raise ValueError(f"{path}: no top-level `{name} = {{...}}` assignment: give the file that defines it")

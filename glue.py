@@ -4,7 +4,8 @@ A torch-free support module: perturb.py reads the label words it must never pert
 tasks it scores, and prepare_data.py how FLAN renders a GLUE row. Read it beside evaluate.py.
 
     LABELS        task -> its label words, indexed by the HF `glue` label id
-    CONTENT       task -> how PromptBench lays out an example's fields after the instruction
+    ANSWERS       task -> the answers CoIN's evaluation accepts, in the order it tries them, with their ids
+    CONTENT       task -> how CoIN's PromptBench lays out an example's fields after the instruction
     CATEGORIES    CoIN Table 1's grouping of the tasks
     FLAN_LAYOUTS  FLAN dataset -> how FLAN's templates name a HF glue row's fields and answers
     load_task     a task's validation examples from <task>.jsonl files, the GLUE download script's TSV files,
@@ -30,11 +31,35 @@ LABELS = {  # HF glue's label ids: LABELS[task][id] is the word the model must a
 TASKS = tuple(LABELS)
 MNLI_PARTS = ("mnli_matched", "mnli_mismatched")  # mnli = their validation sets concatenated, matched first
 PAIR, NLI = "Sentence 1: {sentence1} Sentence 2: {sentence2}", "Premise: {premise} Hypothesis: {hypothesis}"
-CONTENT = {  # PromptBench's layout of each task's HF fields
+CONTENT = {  # CoIN's layout of each task's HF fields (promptbench/dataload.py, GLUE.get_content_by_idx)
     "cola": "{sentence}", "sst2": "{sentence}", "qqp": "Question 1: {question1} Question 2: {question2}",
     "mnli": NLI, "mnli_matched": NLI, "mnli_mismatched": NLI,
     "qnli": "Question: {question} Context: {sentence}", "rte": PAIR, "mrpc": PAIR, "wnli": PAIR,
 }
+# The answers CoIN accepts, in the order it tries them: promptbench/config.py's LABEL_SET, copied. Digits
+# count for sst2, qnli, rte and wnli (ENTAIL_LABEL), not for mnli, qqp, mrpc and cola. A "word'" entry never
+# wins (the word before it matches first) and config.py's LABEL_TO_ID has no id for it: it gets the word's.
+MNLI_LABEL = ["entailment", "neutral", "contradiction", "entailment'", "neutral'", "contradiction'"]
+EQ_LABEL = ["equivalent", "not_equivalent", "equivalent'", "not_equivalent'"]
+ENTAIL_LABEL = ["entailment", "not_entailment", "entailment'", "not_entailment'", "0", "1", "0'", "1'"]
+LABEL_SET = {
+    "sst2": ["positive", "negative", "positive'", "negative'", "0", "1", "0'", "1'"],
+    "mnli": MNLI_LABEL, "mnli_mismatched": MNLI_LABEL, "mnli_matched": MNLI_LABEL, "qqp": EQ_LABEL,
+    "qnli": ENTAIL_LABEL, "rte": ENTAIL_LABEL,
+    "cola": ["unacceptable", "acceptable", "unacceptable'", "acceptable'"], "mrpc": EQ_LABEL,
+    "wnli": ENTAIL_LABEL,
+}
+
+
+def answer_id(task, answer):
+    """config.py's LABEL_TO_ID: a digit is the HF glue id itself ('1': wnli entailment, rte not_entailment);
+    a word is its id in LABELS, which LABEL_TO_ID's ids all equal."""
+    word = answer.rstrip("'")
+    return int(word) if word.isdigit() else LABELS[task].index(word)
+
+
+ANSWERS = {task: tuple((answer, answer_id(task, answer)) for answer in answers)
+           for task, answers in LABEL_SET.items()}
 CATEGORIES = {"Sentiment": ("sst2",), "Grammar": ("cola",), "Paraphrase": ("qqp", "mrpc"),  # CoIN Table 1
               "NLI": ("mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli")}
 

@@ -103,6 +103,24 @@ def print_memory_estimate(args, rows=8, seq_len=256, supervised=None, budget_gib
         print(f"  largest micro-batch in {budget_gib:g} GiB: {best} rows = {best // 2} CoIN examples")
 
 
+def training_summary(model, rows, seq_len, grad_checkpointing, targets, r):
+    """What coin.py prints before its first step: trainable and frozen parameters, their dtypes, and the
+    predicted peak memory of a step of `rows` rows of seq_len tokens on a GPU."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    dtypes = sorted({(str(p.dtype), p.requires_grad) for p in params})
+    memory = estimate_training_memory(model.args, rows, seq_len, grad_checkpointing=grad_checkpointing,
+                                      targets=targets, r=r, weight_bytes=model.lm_head.weight.element_size())
+    gib = {name: n / 2**30 for name, n in memory.items()}
+    return "\n".join([
+        f"trainable parameters: {trainable:,} ({100 * trainable / (trainable + frozen):.2f}%) in LoRA "
+        f"r={r} on {', '.join(targets)}; frozen: {frozen:,}",
+        "parameter dtypes: " + ", ".join(f"{d} ({'trainable' if t else 'frozen'})" for d, t in dtypes),
+        f"predicted peak memory on a GPU ({rows} rows x {seq_len} tokens): {sum(gib.values()):.2f} GiB ("
+        + ", ".join(f"{name} {n:.2f}" for name, n in gib.items()) + ")"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Predicted peak memory of LoRA training (bf16, CUDA)")
     parser.add_argument("--config", help="HF config.json or model directory (default: LLaMA-7B)")

@@ -1,40 +1,21 @@
 """perturb.py: seeded character, word, sentence and semantic perturbations of instructions (CoIN §4.3).
 
-CoIN asks whether an instruction-tuned model still answers correctly when the instruction is worded
-differently. As in PromptBench (Zhu et al., 2023), each GLUE task is evaluated under clean instructions and
-under the same instructions perturbed at four levels:
+CoIN, like PromptBench (Zhu et al., 2023), scores each GLUE task under clean and perturbed instructions:
 
     deepwordbug  character  ~40% of words get one or two typos (swap, substitute, delete or insert a letter)
     textfooler   word       ~30% of words swapped for a synonym ("Determine whether" -> "Decide if")
     checklist    sentence   a random 10-character [A-Za-z0-9] token at the end, or before a closing ':' or '.'
-    semantic     meaning    a rule-based paraphrase: phrase swaps, a "Given X, ..." clause moved to the end,
-                            imperative <-> question ("Decide ..." -> "Could you decide ...?"), last sentence
-                            first
+    semantic     meaning    a rule-based paraphrase: phrase swaps, clauses moved, imperative <-> question
 
-What these are, and what they are not. PromptBench's DeepWordBug and TextFooler prompts come from adversarial
-*searches* against a victim model, which keep the edits that hurt it most, and humans wrote its semantic
-prompts. Ours are seeded, non-adaptive perturbations of the same kinds: they measure sensitivity to noise, not
-worst-case robustness, and are usually milder. For numbers comparable to the paper, give evaluate.py
-PromptBench's precomputed prompts instead.
-
-Protected spans. The answer options must survive, or we would score a model told the wrong labels
-(PromptBench's LabelConstraint): the label words of glue.LABELS, quoted spans ('positive'), {placeholders}
-and any extra `protected` spans are swapped for opaque markers before a level runs (`mask`) and put back
-after (`unmask`).
-
-Strength. A rate is a fraction of the instruction's words, the unit of the paper's statistic: its DeepWordBug
-prompts change about 40% of the words (4 to 11 of ~18), its TextFooler prompts about 30%. Only eligible words
-are edited (no stopwords; for synonyms, words in the table), so short instructions may get fewer edits. The
-CLI prints the measured strength. Each call seeds its own random.Random with the string
-"level:seed:instruction" (SHA-512, unlike hash(): the same in every process).
-
-Files. The CLI reads clean instructions, `{task: [instruction, ...]}` (or the "clean" group of a file it
-wrote), and writes evaluate.py's prompt-set file `{group: {task: [instruction, ...]}}`. `--semantic FILE`
-replaces our paraphrases with yours; `--wordnet` adds WordNet synonyms (needs nltk and its data; off by
-default, so that the output does not depend on what is installed).
+Label words, quoted spans ('positive') and {placeholders} never change, or the model would be told the wrong
+labels (PromptBench's LabelConstraint). PromptBench's own perturbed prompts come from adversarial *searches*
+against a victim model (its semantic ones from humans); ours are seeded, non-adaptive and milder: they measure
+sensitivity to noise, not worst-case robustness. For numbers comparable to the paper, `--from-promptbench`
+copies the GLUE tasks of PromptBench's `PROMPT_SET_Promptbench_adv` as is; its config.py is parsed, not run.
 
     python perturb.py --prompts prompts/clean.json --out prompts/perturbed.json [--seed 0] [--n 6] \
         [--deepwordbug-rate 0.4] [--textfooler-rate 0.3] [--semantic FILE] [--wordnet]
+    python perturb.py --from-promptbench config.py --out prompts.json
 
 Next: read `evaluate.py`.
 """
@@ -47,8 +28,8 @@ import string
 from pathlib import Path
 from statistics import mean
 
-from files import write_atomically
-from glue import LABELS
+from files import read_python_literal, write_atomically
+from glue import LABELS, TASKS
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -57,6 +38,7 @@ LEVELS = ("clean", "deepwordbug", "textfooler", "checklist", "semantic")
 ALL_LABEL_WORDS = tuple(sorted({word for words in LABELS.values() for word in words}))  # glue.LABELS
 
 DEFAULT_RATES = {"deepwordbug": 0.4, "textfooler": 0.3}  # mean strength of the PromptBench prompts CoIN used
+PROMPTBENCH_SET = "PROMPT_SET_Promptbench_adv"  # in PromptBench's config.py: the prompts CoIN scored
 CHECKLIST_LEN = 10  # PromptBench's CheckList appends 10 random characters from [A-Za-z0-9]
 CHECKLIST_CHARS = string.ascii_letters + string.digits
 TYPO_LETTERS = string.ascii_letters  # TextAttack's DeepWordBug inserts and substitutes either case
@@ -66,9 +48,8 @@ STOPWORDS = frozenset("""a an the and or but if of to in on at by for with as fr
 were be been it its this that these those they them their one you your do does did not no yes so then than
 there here how what which who can could would should will may must has have had both each neither""".split())
 
-# The word-level table, written for this project: single real words, never a label word (tests check both),
-# chosen so that "a"/"an" stays right where the shipped instructions use them. Context-free, like any table:
-# "review" is always a noun. It is data, so it lives in a file: {word: [synonym, ...]}.
+# The word-level table, {word: [synonym, ...]}, written for this project: single real words, no label word
+# (tests check both), keeping "a"/"an" right in the shipped instructions. Context-free: "review" is a noun.
 SYNONYMS = json.loads(Path(__file__).resolve().with_name("prompts").joinpath("synonyms.json").read_text())
 
 # The paraphraser's rules. Phrases within a group are interchangeable; no phrase is in two groups.
@@ -77,8 +58,7 @@ PHRASE_GROUPS = (
     ("answer with", "respond with", "reply with"), ("as your answer", "as the answer", "as your response"),
     ("your answer must be", "the answer has to be", "you must answer"), ("choose", "pick", "select"),
     ("check", "inspect", "verify"), ("examine", "study", "look at"), ("the following", "the given"),
-    ("classify it as", "categorize it as"), ("can you tell", "can you say"),
-)
+    ("classify it as", "categorize it as"), ("can you tell", "can you say"))
 PHRASE_OF = {phrase: group for group in PHRASE_GROUPS for phrase in group}
 PHRASE_RE = re.compile(r"\b(?:%s)\b" % "|".join(sorted(PHRASE_OF, key=len, reverse=True)), re.IGNORECASE)
 LEADING_CLAUSE_RE = re.compile(r"^((?:Given|As an?) [^,]+), (.+?)([.?!:]?)$")  # "Given X, do Y.", "As a X,"
@@ -124,7 +104,7 @@ def upper_first(text):
     return text[:1].upper() + text[1:]
 
 # -----------------------------------------------------------------------------
-# Character and word level (DeepWordBug-style, TextFooler-style)
+# Character, word and sentence level (DeepWordBug-, TextFooler- and CheckList-style)
 
 
 def edit_words(text, n_target, eligible, edit, rng):
@@ -160,7 +140,7 @@ def typo(word, rng):
 
 
 def wordnet_synonyms(word):
-    """Single-word WordNet lemmas of `word`."""
+    """Single-word WordNet lemmas of `word`; opt-in (--wordnet), so the default output needs no nltk data."""
     try:
         from nltk.corpus import wordnet
         lemmas = {lemma.name().lower() for synset in wordnet.synsets(word) for lemma in synset.lemmas()}
@@ -178,9 +158,6 @@ def synonyms(word, wordnet=False):
         found |= wordnet_synonyms(key)
     return sorted(found - {key, *ALL_LABEL_WORDS})
 
-# -----------------------------------------------------------------------------
-# Sentence level (CheckList-style)
-
 
 def add_checklist_token(text, rng):
     """Add a random 10-character token at the end, or just before a closing ':' or '.' as PromptBench does."""
@@ -189,10 +166,7 @@ def add_checklist_token(text, rng):
     return f"{body[:-1]} {token}{body[-1]}" if body.endswith((":", ".")) else f"{body} {token}"
 
 # -----------------------------------------------------------------------------
-# Semantic level: a rule-based paraphraser
-#
-# A rule maps text to text and leaves it unchanged where it does not apply. The two sentence rules list the
-# rewrites of one sentence, and `rewrite_one_sentence` applies one of them, at random, to one sentence.
+# Semantic level: a rule-based paraphraser. A rule returns the text unchanged where it does not apply.
 
 
 def swap_phrases(text, rng):
@@ -213,8 +187,7 @@ def move_leading_clause(sentence):
 
 
 def flip_mood(sentence):
-    """Imperative <-> question: "Decide X." -> "Can you decide X?"; "Is it true that X?" -> "Determine
-    whether X."."""
+    """Imperative <-> question: "Decide X." -> "Can you decide X?", "Do X?" -> "Determine whether X."."""
     body, end = (sentence[:-1], sentence[-1]) if sentence[-1] in ".?!:" else (sentence, "")
     for question, imperative in QUESTION_OPENERS:
         if end == "?" and body.startswith(question):
@@ -263,10 +236,8 @@ def paraphrase(text, rng):
 
 
 def perturb(instruction, level, seed, protected=(), rate=None, wordnet=False):
-    """`instruction` perturbed at `level`: fixed by (instruction, level, seed), and by rate/wordnet if given.
-
-    Label words, quoted spans, {placeholders} and the `protected` spans come back verbatim. `rate` is the
-    fraction of the instruction's words that deepwordbug or textfooler change (default DEFAULT_RATES)."""
+    """`instruction` at `level`, fixed by (instruction, level, seed, rate, wordnet). Label words, quoted
+    spans, {placeholders} and `protected` stay verbatim. `rate`: the fraction of words changed."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}: choose one of {', '.join(LEVELS)}")
     rate = DEFAULT_RATES.get(level, 0.0) if rate is None else rate
@@ -296,8 +267,7 @@ def perturb(instruction, level, seed, protected=(), rate=None, wordnet=False):
 def load_prompts(path):
     """Read and check `{task: [instruction, ...]}`, or the "clean" group of a {group: {task: [...]}} file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("clean"), dict):
@@ -341,6 +311,24 @@ def build_prompt_set(clean, seed=0, n=6, rates=None, semantic=None, wordnet=Fals
     return prompt_set
 
 
+def load_promptbench(path):
+    """PromptBench's prompts from its config.py: ({group: {task: [...]}} of glue.TASKS, the tasks dropped)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file: give the path of your copy of PromptBench's config.py")
+    data = read_python_literal(path, PROMPTBENCH_SET)
+    shape = f"{path}: {PROMPTBENCH_SET} must be {{group: {{task: [instruction, ...]}}}} of non-empty strings"
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{shape}; it is {data!r:.40}")
+    prompt_set, dropped = {}, []
+    for group, tasks in data.items():
+        if not (isinstance(group, str) and isinstance(tasks, dict) and all(
+                isinstance(task, str) and isinstance(v, list) and v
+                and all(isinstance(s, str) and s.strip() for s in v) for task, v in tasks.items())):
+            raise ValueError(f"{shape}; group {group!r} is not")
+        prompt_set[group] = {task: instructions for task, instructions in tasks.items() if task in TASKS}
+        dropped += [task for task in tasks if task not in TASKS and task not in dropped]
+    return prompt_set, dropped
+
 # -----------------------------------------------------------------------------
 # Strength report and CLI
 
@@ -367,7 +355,10 @@ def strength_report(prompt_set):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write perturbed instruction sets for evaluate.py.")
-    parser.add_argument("--prompts", required=True, help="clean instructions, {task: [instruction, ...]}")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="clean instructions, {task: [instruction, ...]}")
+    source.add_argument("--from-promptbench", metavar="CONFIG_PY",
+                        help=f"copy the GLUE tasks of {PROMPTBENCH_SET} in PromptBench's config.py, as is")
     parser.add_argument("--out", required=True, help="prompt-set file to write, {group: {task: [...]}}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n", type=int, default=6, help="instructions per task (PromptBench uses 6)")
@@ -376,15 +367,27 @@ def main(argv=None):
     parser.add_argument("--semantic", help="your own paraphrases, {task: [instruction, ...]}, used as is")
     parser.add_argument("--wordnet", action="store_true", help="add WordNet synonyms (nltk + wordnet data)")
     args = parser.parse_args(argv)
+    perturbing = {k: v for k, v in vars(args).items() if k not in ("prompts", "from_promptbench", "out")}
+    if args.from_promptbench and any(v != parser.get_default(k) for k, v in perturbing.items()):
+        parser.error("--from-promptbench copies, it does not perturb: drop the perturbation flags")
     try:
-        semantic = load_prompts(args.semantic) if args.semantic else None
-        rates = {level: getattr(args, f"{level}_rate") for level in DEFAULT_RATES}
-        prompt_set = build_prompt_set(load_prompts(args.prompts), args.seed, args.n, rates, semantic,
-                                      args.wordnet, source=args.prompts)
+        if args.from_promptbench:
+            prompt_set, dropped = load_promptbench(args.from_promptbench)
+        else:
+            semantic = load_prompts(args.semantic) if args.semantic else None
+            rates = {level: getattr(args, f"{level}_rate") for level in DEFAULT_RATES}
+            prompt_set = build_prompt_set(load_prompts(args.prompts), args.seed, args.n, rates, semantic,
+                                          args.wordnet, source=args.prompts)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(args.out, json.dumps(prompt_set, indent=2, ensure_ascii=False) + "\n")
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
+    if args.from_promptbench:
+        tasks = list(dict.fromkeys(task for tasks in prompt_set.values() for task in tasks))
+        n = sum(len(instructions) for tasks in prompt_set.values() for instructions in tasks.values())
+        print(f"wrote {args.out}: {len(prompt_set)} groups ({', '.join(prompt_set)}), {len(tasks)} tasks "
+              f"({', '.join(tasks)}), {n} instructions; dropped (not GLUE): {', '.join(dropped) or 'none'}")
+        return
     clean = [s for instructions in prompt_set["clean"].values() for s in instructions]
     words = mean(len(s.split()) for s in clean)
     print(f"{len(clean)} instructions, {words:.1f} words on average; wrote {args.out}")

@@ -17,7 +17,6 @@ The official CoIN CSV pairs rows instead: rows 2k and 2k+1 form group k, 2k+1 be
 Next: read `coin.py`.
 """
 import argparse
-import ast
 import csv
 import json
 import random
@@ -28,7 +27,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from data import MAX_REPORTED, Example, load_examples
-from files import read_jsonl, write_atomically
+from files import read_jsonl, read_python_literal, write_atomically
 from glue import FLAN_LAYOUTS, flan_row
 
 # -----------------------------------------------------------------------------
@@ -80,17 +79,7 @@ def render(template, row):
 
 def _patterns_from_py(path):
     """The `PATTERNS = {...}` literal of FLAN's templates.py, read with ast: the file is parsed, never run."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except SyntaxError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid Python ({e.msg})") from None
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PATTERNS" for t in node.targets):
-            try:
-                return ast.literal_eval(node.value)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{node.lineno}: PATTERNS is not a plain literal ({e})") from None
-    raise ValueError(f"{path}: no top-level `PATTERNS = {{...}}` assignment")
+    return read_python_literal(path, "PATTERNS")
 
 
 def load_templates(path):

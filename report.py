@@ -2,8 +2,8 @@
 
 A support module, read after evaluate.py. evaluate.py computes results.json; this file only presents it.
 
-    render_tables    table.md: Table 2 (groups x tasks, mean ± std over prompts), Table 1 (categories),
-                     consistency and invalid answers
+    render_tables    table.md: Table 2 (groups x tasks, mean ± std over prompts; Average: over all of a
+                     group's cells), Table 1 (categories), consistency and invalid answers
     compare_tables   B - A for every task x group two results dirs share
     hidden_report    paper §5.1, Fig. 4: how close each perturbed group's last-token hidden states stay to
                      clean ones, and a 2-D PCA of them (hidden_pca.png when matplotlib is installed)
@@ -35,37 +35,38 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def group_rows(results, cell, average=None):
-    """A row per group: its name, a cell per task ("-" where not evaluated),
-    then `average(group)` if given."""
+def group_rows(results, cell, extra=lambda g: []):
+    """A row per group: its name, a cell per task ("-" where not evaluated), then the cells `extra(group)`."""
     summary, rows = results["summary"], []
     tasks = [t for t in TASKS if t in summary]
     for g in results["averages"]["by_group"]:
-        row = [g] + [cell(t, g) if g in summary[t] else "-" for t in tasks]
-        rows.append(row + [average(g)] if average else row)
+        rows.append([g] + [cell(t, g) if g in summary[t] else "-" for t in tasks] + extra(g))
     return rows
 
 
 def render_tables(results):
     """table.md: Table 2 (groups x tasks, mean ± std), Table 1 (categories), consistency and invalid rate."""
-    summary, by_category = results["summary"], results["averages"]["by_category"]
-    tasks, groups = [t for t in TASKS if t in summary], list(results["averages"]["by_group"])
+    summary, averages = results["summary"], results["averages"]
+    by_category, groups = averages["by_category"], list(averages["by_group"])
+    tasks = [t for t in TASKS if t in summary]
     cats = list(dict.fromkeys(c for g in groups for c in by_category[g]))
 
-    def row_average(g):  # the mean of the row's task means ± the mean of their stds
-        stats = [summary[t][g] for t in tasks if g in summary[t]]
-        return f"{mean(s['mean'] for s in stats):.1f} ± {mean(s['std'] for s in stats):.1f}"
+    def table2_average(g):  # over all the group's cells, then the mean of its per-task stds
+        pooled = averages["pooled"][g]
+        return [f"{pooled['mean']:.1f} ± {pooled['std']:.1f}", f"{averages['mean_of_task_stds'][g]:.1f}"]
     table2 = group_rows(results, lambda t, g: f"{summary[t][g]['mean']:.1f} ± {summary[t][g]['std']:.1f}",
-                        row_average)
+                        table2_average)
     table1 = [[g] + [f"{by_category[g][c]:.1f}" if c in by_category[g] else "-" for c in cats]
               for g in groups]
     consistency = group_rows(results, lambda t, g: f"{results['consistency'][t][g]:.1f}")
     invalid = group_rows(results, lambda t, g: f"{summary[t][g]['invalid_rate']:.1f}")
     return "\n".join([
-        f"# Results ({results['protocol']['mode']}): accuracy in %, "
-        "mean ± population std over a group's prompts",
-        "", "## Table 2: groups x tasks", "", markdown_table(["group", *tasks, "Average"], table2),
-        "Average: the mean of the row's task means ± the mean of their stds.", "",
+        f"# Results ({results['protocol']['mode']}, protocol {results['protocol'].get('protocol')}): "
+        "accuracy in %, mean ± population std over a group's prompts",
+        "", "## Table 2: groups x tasks", "",
+        markdown_table(["group", *tasks, "Average", "mean task std"], table2),
+        "Average: mean ± population std over all of the group's cells (every task x prompt), as CoIN's "
+        "Table 2 reports it; mean task std: the mean of the row's per-task stds (over prompts).", "",
         "## Table 1: task categories", "", markdown_table(["group", *cats], table1),
         "## Consistency: % of examples predicted the same under every instruction of the group", "",
         markdown_table(["group", *tasks], consistency),
@@ -148,7 +149,7 @@ def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir
     """Each perturbed group's mean cosine similarity to clean, paired by (prompt, example), and a 2-D PCA.
 
     texts: {group: the model inputs, prompt-major: Q prompts x n_examples}; "clean" must be among them.
-    Returns (the report written to hidden_report.json, the PNG path or None).
+    Prints each similarity; returns (the report written to hidden_report.json, the PNG path or None).
     """
     states = {}  # group -> (Q, N, D)
     for g, group_texts in texts.items():
@@ -161,7 +162,12 @@ def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir
     report = dict(task=task, examples=n_examples, state="final norm, last input token",
                   cosine_to_clean=cosine, pca_explained_variance=explained, pca=pca)
     write_atomically(out_dir / "hidden_report.json", json.dumps(report))
-    return report, save_scatter(pca, f"{task}: last-token hidden states", out_dir / "hidden_pca.png")
+    png = save_scatter(pca, f"{task}: last-token hidden states", out_dir / "hidden_pca.png")
+    for g, similarity in cosine.items():
+        print(f"{task} {g:<12} mean cosine similarity to clean {similarity:.4f}")
+    print(f"wrote {out_dir / 'hidden_report.json'}" +
+          (f" and {png}" if png else " (no PNG: pip install matplotlib to get the scatter)"))
+    return report, png
 
 
 # -----------------------------------------------------------------------------

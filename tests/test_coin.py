@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import coin
 from data import ContrastiveDataset, collate, load_examples
+from checkpoints import restore_checkpoint, save_checkpoint
 from hf_io import load_adapter, load_model, load_tokenizer, read_adapter_tensors, save_adapter
 from model import Llama, ModelArgs, apply_lora, lora_state_dict
 
@@ -30,110 +31,199 @@ def metrics(out):
 
 
 # -----------------------------------------------------------------------------
-# The loss rule
+# The loss rule, on tensors
 
-def test_identical_embeddings_give_log_b():
+ONE_GROUP, PAIRS = torch.zeros(6, dtype=torch.long), torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def test_identical_embeddings_give_log_of_the_candidates():
     h = torch.randn(1, 16).expand(6, 16)
-    assert math.isclose(coin.info_nce(h, h, 0.05).item(), math.log(6), rel_tol=1e-6)
+    batch = coin.info_nce(h, h, PAIRS, 0.05, within_groups=False)  # every row of the micro-batch a candidate
+    assert torch.allclose(batch, torch.full((3,), math.log(6)))
+    assert torch.allclose(coin.info_nce(h, h, PAIRS, 0.05), torch.full((3,), math.log(2)))  # its group only
 
 
-def test_info_nce_matches_its_definition_and_is_symmetric():
+def reference_info_nce(a, b, temperature=0.05):
+    """InfoNCE written from its definition: the mean over rows of the two directions' cross-entropies."""
+    n = len(a)
+    cos = torch.tensor([[F.cosine_similarity(a[i], b[j], dim=0).item() for j in range(n)] for i in range(n)])
+    logits = cos / temperature
+    forward = -torch.stack([logits[i].log_softmax(0)[i] for i in range(n)]).mean()
+    backward = -torch.stack([logits[:, i].log_softmax(0)[i] for i in range(n)]).mean()
+    return ((forward + backward) / 2).item()
+
+
+def test_info_nce_per_group_equals_its_definition_on_each_group_alone():
     torch.manual_seed(0)
-    a, b = torch.randn(5, 8), torch.randn(5, 8)
-    cos = torch.tensor([[F.cosine_similarity(a[i], b[j], dim=0).item() for j in range(5)] for i in range(5)])
-    logits = cos / 0.05
-    forward = -torch.stack([logits[i].log_softmax(0)[i] for i in range(5)]).mean()
-    backward = -torch.stack([logits[:, i].log_softmax(0)[i] for i in range(5)]).mean()
-    assert math.isclose(coin.info_nce(a, b, 0.05).item(), ((forward + backward) / 2).item(), rel_tol=1e-5)
-    assert math.isclose(coin.info_nce(a, b, 0.05).item(), coin.info_nce(b, a, 0.05).item(), rel_tol=1e-6)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    groups = torch.tensor([0, 1, 0, 2, 1, 2])  # members need not be adjacent
+    ours = coin.info_nce(a, b, groups, 0.05)
+    for g in range(3):
+        rows = groups == g
+        assert math.isclose(ours[g].item(), reference_info_nce(a[rows], b[rows]), rel_tol=1e-5)
+    batch = coin.info_nce(a, b, ONE_GROUP, 0.05, within_groups=False)
+    assert math.isclose(batch.item(), reference_info_nce(a, b), rel_tol=1e-5)
+    assert torch.allclose(coin.info_nce(b, a, groups, 0.05), ours, rtol=1e-6)  # symmetric
 
 
-def test_the_other_rows_of_the_micro_batch_are_the_negatives():
+def test_the_hard_negative_is_the_only_negative_in_group_mode():
     torch.manual_seed(0)
     originals = torch.randn(4, 8)
     paraphrases = originals + 0.1 * torch.randn(4, 8)  # each paraphrase close to its own original
-    easy = coin.info_nce(originals, paraphrases, 0.05)
-    # A hard negative: example 1 now looks like example 0 in both views, so each is confused with the other.
-    originals[1], paraphrases[1] = (originals[0] + 0.05 * torch.randn(8),
-                                    paraphrases[0] + 0.05 * torch.randn(8))
-    assert coin.info_nce(originals, paraphrases, 0.05) > easy + 0.25
+    groups = torch.tensor([0, 0, 1, 1])
+    easy = coin.info_nce(originals, paraphrases, groups, 0.05)
+    # Example 2 now looks like example 0 in both views: a confusable row, but of another group.
+    originals[2] = originals[0] + 0.05 * torch.randn(8)
+    paraphrases[2] = paraphrases[0] + 0.05 * torch.randn(8)
+    assert torch.allclose(coin.info_nce(originals, paraphrases, groups, 0.05)[0], easy[0], rtol=1e-5)
+    assert coin.info_nce(originals, paraphrases, groups, 0.05, within_groups=False)[0] > easy[0] + 0.25
+    # ... and now example 1, its hard negative, looks like example 0.
+    originals[1] = originals[0] + 0.05 * torch.randn(8)
+    paraphrases[1] = paraphrases[0] + 0.05 * torch.randn(8)
+    assert coin.info_nce(originals, paraphrases, groups, 0.05)[0] > easy[0] + 0.25
 
 
-def test_coin_weight_rescales_the_contrastive_term_to_the_generation_loss():
-    torch.manual_seed(0)
-    h_orig, h_para = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
-    gen = torch.tensor(2.0, requires_grad=True)
-    total, ctr, weight = coin.coin_loss(h_orig, h_para, gen, 0.05, lam=1000.0)
-    assert math.isclose(weight.item(), 2.0 / ctr.item(), rel_tol=1e-6)
-    assert math.isclose(total.item(), 4.0, rel_tol=1e-6)  # gen + (gen / ctr) * ctr
-    d_gen, d_h = torch.autograd.grad(total, (gen, h_orig))
-    assert d_gen.item() == 1.0  # the weight is a constant to autograd
-    d_ctr = torch.autograd.grad(coin.info_nce(h_orig, h_para, 0.05), h_orig)[0]
-    assert torch.allclose(d_h, weight * d_ctr, rtol=1e-5, atol=1e-7)
+def test_coin_weight_rescales_each_groups_contrastive_term_to_its_generation_loss():
+    gen = torch.tensor([2.0, 3.0], requires_grad=True)
+    ctr = torch.tensor([0.5, 0.1], requires_grad=True)
+    total, weight = coin.coin_loss(gen, ctr, lam=1000.0)
+    assert torch.allclose(weight, torch.tensor([4.0, 30.0])) and torch.allclose(total, 2 * gen.detach())
+    d_gen, d_ctr = torch.autograd.grad(total.sum(), (gen, ctr))
+    assert torch.equal(d_gen, torch.ones(2))  # the weight is a constant to autograd
+    assert torch.allclose(d_ctr, weight)
+    total, weight = coin.coin_loss(gen, ctr, lam=10.0)  # lambda is the upper bound of the weight
+    assert torch.allclose(weight, torch.tensor([4.0, 10.0])) and math.isclose(total[1].item(), 4.0)
 
 
-def test_lambda_is_the_upper_bound_of_the_weight():
-    torch.manual_seed(0)
-    h_orig, h_para = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
-    gen = torch.tensor(50.0, requires_grad=True)
-    total, ctr, weight = coin.coin_loss(h_orig, h_para, gen, 0.05, lam=0.5)
-    assert weight.item() == 0.5 and math.isclose(total.item(), 50.0 + 0.5 * ctr.item(), rel_tol=1e-6)
-    d_h = torch.autograd.grad(total, h_orig)[0]
-    assert torch.allclose(d_h, 0.5 * torch.autograd.grad(coin.info_nce(h_orig, h_para, 0.05), h_orig)[0])
-
-
-def test_learning_rate_warms_up_then_decays_to_zero():
-    lrs = [coin.learning_rate(step, 100, 1e-4, 0.1) for step in range(100)]
-    assert lrs[0] == 1e-5 and lrs[9] == lrs[10] == 1e-4 == max(lrs)  # 10 warmup steps, then the decay
-    assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-4 / 90)
+def test_learning_rate_is_hfs_linear_schedule_with_warmup():
+    transformers = pytest.importorskip("transformers")
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1e-4)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=10,
+                                                            num_training_steps=100)
+    expected = []
+    for _ in range(100):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    ours = [coin.learning_rate(step, 100, 1e-4, 10) for step in range(100)]
+    assert ours == pytest.approx(expected, rel=1e-12, abs=0) and ours[0] == 0.0 and max(ours) == 1e-4
+    assert [coin.learning_rate(step, 5, 1e-4, 0) for step in range(2)] == [1e-4, 1e-4 * 4 / 5]
 
 
 # -----------------------------------------------------------------------------
-# The generation loss on a real model: logits only where supervised, and accumulation
+# The objective on a real model: per group, whatever the micro-batch; equal to the official code
 
 @pytest.fixture
 def stories(stories_dir):
-    """stories260K with a non-zero LoRA (no dropout) and four demo examples (two groups) tokenized for it."""
+    """stories260K with a non-zero LoRA (no dropout) and 16 demo examples (eight groups) tokenized for it."""
     model, tokenizer = load_model(stories_dir), load_tokenizer(stories_dir)
+    torch.manual_seed(0)  # before apply_lora: lora_A's init draws from it too
     apply_lora(model, dropout=0.0)
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     examples, _ = load_examples(coin.Path(coin.__file__).parent / DEMO)
-    dataset = ContrastiveDataset(examples[:4], tokenizer, cutoff=128)
-    return model, tokenizer, [dataset[i] for i in range(4)]
+    dataset = ContrastiveDataset(examples[:40], tokenizer, cutoff=128)  # a few do not fit: take 16 that do
+    return model, tokenizer, [dataset[i] for i in range(16)]
 
 
-def test_ce_on_supervised_positions_equals_full_vocabulary_ce(stories):
+def test_generation_loss_on_supervised_positions_equals_full_vocabulary_ce(stories):
     model, tokenizer, items = stories
-    batch = collate(items, tokenizer.pad_id)
+    batch = collate(items[:4], tokenizer.pad_id)  # two groups
     with torch.no_grad():
-        ours = coin.supervised_ce_sum(model, model.hidden_states(batch["input_ids"]), batch["labels"])
+        ours = coin.generation_loss(model, model.hidden_states(batch["input_ids"]), batch["labels"],
+                                    batch["group_index"])
         logits = model(batch["input_ids"])  # (2B, T, V): the usual way, every position
-        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                               reduction="sum")
-    assert math.isclose(ours.item(), full.item(), rel_tol=1e-5)
+    for g, rows in enumerate(([0, 1], [2, 3])):
+        expected = 0.0
+        for view in (rows, [4 + r for r in rows]):  # a token mean per view, as CoIN
+            labels = batch["labels"][view][:, 1:].flatten()
+            expected += F.cross_entropy(logits[view][:, :-1].flatten(0, 1), labels)
+        assert math.isclose(ours[g].item(), expected.item(), rel_tol=1e-5)
 
 
-def lora_gradients(model, batches, contrastive):
+def assert_close(actual, expected, name, rel=1e-5):
+    """|actual - expected| <= rel * max |expected|, entry by entry: a relative tolerance on the tensor's
+    scale (different paddings reorder fp32 sums, so tiny entries differ more than 1e-5 of themselves)."""
+    error = (actual - expected).abs().max().item()
+    assert error <= rel * expected.abs().max().item(), (name, error, expected.abs().max().item())
+
+
+def step_loss_and_gradients(model, micro_batches, negatives="group"):
+    """What one optimizer step accumulates: the step's loss and the LoRA gradients."""
     model.zero_grad()
-    window_tokens = [sum(counts) for counts in zip(*map(coin.supervised_tokens, batches))]
-    for batch in batches:
-        loss, _ = coin.micro_batch_loss(model, batch, window_tokens, len(batches), 0.05, 1000.0, contrastive)
+    step_groups = sum(int(batch["group_index"].max()) + 1 for batch in micro_batches)
+    total = 0.0
+    for batch in micro_batches:
+        loss, _ = coin.micro_batch_loss(model, batch, step_groups, 0.05, 1000.0, True, negatives == "group")
         loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_accumulating_two_micro_batches_equals_one_big_batch(stories):
+@pytest.mark.parametrize("size", [2, 4])
+def test_the_objective_does_not_depend_on_the_micro_batch_size(stories, size):
     model, tokenizer, items = stories
-    big = lora_gradients(model, [collate(items, tokenizer.pad_id)], contrastive=False)
-    accumulated = lora_gradients(model, [collate(items[:2], tokenizer.pad_id),
-                                         collate(items[2:], tokenizer.pad_id)], contrastive=False)
-    assert all(big[n].abs().sum() > 0 for n in big)
-    for name in big:
-        assert torch.allclose(big[name], accumulated[name], rtol=1e-5, atol=1e-6), name
+    whole_loss, whole_grads = step_loss_and_gradients(model, [collate(items, tokenizer.pad_id)])
+    split = [collate(items[i:i + size], tokenizer.pad_id) for i in range(0, 16, size)]
+    split_loss, split_grads = step_loss_and_gradients(model, split)
+    assert math.isclose(whole_loss, split_loss, rel_tol=1e-5)
+    assert all(whole_grads[n].abs().sum() > 0 for n in whole_grads)
+    for name in whole_grads:
+        assert_close(split_grads[name], whole_grads[name], name)
+    batch_loss, _ = step_loss_and_gradients(model, split, negatives="batch")  # SimCSE-style: it does depend
+    if size > 2:
+        assert not math.isclose(whole_loss, batch_loss, rel_tol=1e-3)
+
+
+def official_step(peft_model, items, pad_id, temperature=0.05, lam=1000.0):
+    """ContrastiveLlama.forward (luka-group/CoIN) re-expressed: micro-batches of one group (2 examples), each
+    view left-padded and run in its own forward with full logits, pooled at the last position; the HF
+    Trainer sums loss / accumulation steps over the step's micro-batches."""
+    losses = []
+    for group in (items[i:i + 2] for i in range(0, len(items), 2)):
+        views = []
+        for view in ("original", "paraphrase"):
+            rows = [item[view] for item in group]
+            width = max(len(ids) for ids, _, _ in rows)
+            ids = torch.tensor([[pad_id] * (width - len(i)) + i.tolist() for i, _, _ in rows])
+            labels = torch.tensor([[-100] * (width - len(i)) + lab.tolist() for i, lab, _ in rows])
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _, _ in rows])
+            hidden = peft_model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = peft_model.base_model.model.lm_head(hidden)
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())  # CrossEntropyLoss()
+            views.append((ce, hidden[:, -1]))  # pooling_method "last"
+        (ce_o, h_o), (ce_p, h_p) = views
+        sim = F.cosine_similarity(h_o.unsqueeze(1), h_p.unsqueeze(0), dim=2) / temperature
+        target = torch.arange(len(group))
+        ctr = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+        gen = ce_o + ce_p
+        ctr = ctr * lam  # contrastive_loss * contrastive_loss_ratio, then scale_contrastive_loss
+        if ctr != 0 and ctr > gen:
+            ctr = ctr * min(lam, gen.detach() / ctr.detach())
+        losses.append((ctr + gen) / (len(items) // 2))
+    return sum(losses)
+
+
+def test_the_objective_equals_the_official_contrastive_llama(stories, tmp_path, stories_dir):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model, tokenizer, items = stories
+    save_adapter(model, tmp_path / "adapter")  # the same LoRA weights, loaded by peft
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter", is_trainable=True)
+    official = official_step(theirs, items, tokenizer.pad_id)
+    official.backward()
+    their_grads = {n.replace("base_model.model.", "", 1).replace(".default", ""): p.grad
+                   for n, p in theirs.named_parameters() if p.requires_grad}
+    ours, our_grads = step_loss_and_gradients(model, [collate(items[i:i + 2], tokenizer.pad_id)
+                                                      for i in range(0, 16, 2)])
+    assert math.isclose(ours, official.item(), rel_tol=1e-5)
+    assert our_grads.keys() == their_grads.keys()
+    for name in our_grads:
+        assert_close(our_grads[name], their_grads[name], name)
 
 
 def test_pooling_takes_each_rows_last_real_token(stories):
@@ -156,7 +246,20 @@ def test_fifty_steps_lower_both_losses(tmp_path, stories_dir):
     first, last = records[:10], records[-10:]
     for key in ("gen", "ctr"):
         assert sum(r[key] for r in last) < 0.8 * sum(r[key] for r in first), key
-    assert all(r["examples"] == 8 and r["negatives_per_anchor"] == 3 for r in records)
+    assert all(r["examples"] == 8 and r["groups"] == 4 for r in records)
+    assert all(r["negatives_per_anchor"] == r["hard_negatives_per_anchor"] == 1 for r in records)
+
+
+def test_batch_negatives_are_every_other_row_of_the_micro_batch(tmp_path, stories_dir):
+    records = metrics(run(tmp_path, stories_dir, "--negatives", "batch", "--max-steps", "2"))
+    assert all(r["negatives_per_anchor"] == 3 and r["hard_negatives_per_anchor"] == 1 for r in records)
+
+
+def test_micro_batch_2_and_16_log_the_same_first_step(tmp_path, stories_dir):
+    first = [metrics(run(tmp_path, stories_dir, "--batch-size", "16", "--micro-batch-size", size,
+                         "--max-steps", "1", out=f"micro{size}"))[0] for size in ("2", "16")]
+    for key in ("loss", "gen", "ctr", "weight"):
+        assert math.isclose(first[0][key], first[1][key], rel_tol=1e-5), key
 
 
 def test_the_adapter_loads_in_peft_with_equal_logits(tmp_path, stories_dir):
@@ -312,8 +415,31 @@ def test_resume_keeps_the_saved_config(tmp_path, stories_dir):
 def test_cosines_stay_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     a, b = torch.randn(8, 64), torch.randn(8, 64)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     with torch.autocast("cpu", torch.bfloat16):
-        mixed = coin.info_nce(a.bfloat16(), b.bfloat16(), 0.05)
+        mixed = coin.info_nce(a.bfloat16(), b.bfloat16(), groups, 0.05)
     assert mixed.dtype == torch.float32
-    assert math.isclose(mixed.item(), coin.info_nce(a.bfloat16().float(), b.bfloat16().float(), 0.05).item(),
-                        rel_tol=1e-6)
+    exact = coin.info_nce(a.bfloat16().float(), b.bfloat16().float(), groups, 0.05)
+    assert torch.allclose(mixed, exact, rtol=1e-6)
+
+
+def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path, stories_dir):
+    model = load_model(stories_dir)
+    apply_lora(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    checkpoint = save_checkpoint(tmp_path, model, optimizer, scaler, coin.TrainConfig(), step=3, skipped=1)
+    fresh = torch.amp.GradScaler("cpu")
+    state = restore_checkpoint(checkpoint, model, optimizer, fresh)
+    assert (state["step"], state["skipped"], fresh.get_scale()) == (3, 1, 512.0)
+    assert fresh.state_dict() == scaler.state_dict()
+
+
+def test_holdout_leaves_the_files_last_examples_out(tmp_path, stories_dir):
+    flags = ["--data", str(coin.Path(coin.__file__).parent / DEMO), "--base", str(stories_dir), "--out",
+             str(tmp_path / "out"), "--dtype", "fp32", "--device", "cpu"]
+    trained = {item["id"] for item in coin.set_up(coin.parse_config(flags + ["--holdout", "100"]))[0].dataset}
+    held_out = {e.id for e in load_examples(coin.Path(coin.__file__).parent / DEMO)[0][-100:]}
+    assert trained and not trained & held_out
+    with pytest.raises(ValueError, match="--holdout 264: .* has 264 examples; hold out fewer"):
+        coin.set_up(coin.parse_config(flags + ["--holdout", "264"]))

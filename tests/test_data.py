@@ -95,37 +95,64 @@ def test_a_file_without_usable_examples_is_refused(tmp_path):
 # -----------------------------------------------------------------------------
 # Tokenization and label masks (real LLaMA tokenizer)
 
-@pytest.mark.parametrize("prompt", ["Review: a gem. Answer: ", "Review: a gem. Sentiment?\n", "Sentiment:"])
-def test_first_supervised_label_is_the_start_of_the_target(tok, prompt):
-    input_ids, labels = data.tokenize_view(tok, prompt, "positive")
-    first = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
-    assert input_ids[:first] == tok.encode(prompt)  # BOS + prompt, all masked
-    assert labels[first:] == input_ids[first:] == tok.encode("positive", bos=False, eos=True)
-    assert tok.decode([labels[first]]).strip() and "positive".startswith(tok.decode([labels[first]]).strip())
-    # why we concatenate: re-tokenizing merges the space into the target's first piece
-    if prompt.endswith(" "):
-        assert tok.encode(prompt + "positive")[:first] != tok.encode(prompt)
+@pytest.mark.parametrize("prompt", ["Review: a gem.\n\n### Response:\n", "Review: a gem. Sentiment:"])
+def test_a_view_is_prompt_plus_target_as_one_string_with_the_prompt_masked(tok, prompt):
+    input_ids, labels, pool_index = data.tokenize_view(tok, prompt, "positive")
+    n_prompt = len(tok.encode(prompt))  # BOS + prompt: the positions CoIN masks
+    assert input_ids == tok.encode(prompt + "positive")  # one string, no EOS (CoIN's add_eos_token False)
+    assert labels == [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:] and pool_index == len(input_ids) - 1
+    if prompt.endswith("\n"):  # after the response marker the answer is a new piece: "pos..." without "▁"
+        assert input_ids[:n_prompt] == tok.encode(prompt)
+        assert tok.sp.id_to_piece(input_ids[n_prompt]) != tok.sp.id_to_piece(tok.encode("positive")[1])
 
 
-def test_eos_can_be_switched_off(tok):
-    _, labels = data.tokenize_view(tok, "Is it true?", "yes", eos=False)
-    assert labels[-1] != tok.eos_id and labels[-1] == tok.encode("yes", bos=False)[-1]
-    assert data.tokenize_view(tok, "Is it true?", "", eos=False) is None  # no token would be supervised
+def test_a_trailing_space_merges_into_the_answer_and_coins_mask_covers_that_piece(tok):
+    # CoIN masks len(ids(prompt)) positions: "Answer: " ends with a "▁" piece, which prompt + target merges
+    # into "▁positive", so the mask swallows the answer's first piece. CoIN's template ends with "\n":
+    # no merge there.
+    input_ids, labels, _ = data.tokenize_view(tok, "Answer: ", "positive review")
+    assert input_ids == tok.encode("Answer: positive review")
+    assert labels == [IGNORE_INDEX] * len(tok.encode("Answer: ")) + input_ids[len(tok.encode("Answer: ")):]
+    assert data.tokenize_view(tok, "Answer: ", "positive") is None  # nothing left to supervise
 
 
-def test_cutoff_cuts_the_middle_of_the_prompt_never_the_target(tok):
+def test_eos_is_appended_on_request_and_never_pooled(tok):
+    plain, _, plain_pool = data.tokenize_view(tok, "Is it true?\n", "yes")
+    input_ids, labels, pool_index = data.tokenize_view(tok, "Is it true?\n", "yes", eos=True)
+    assert input_ids == plain + [tok.eos_id] and labels[-1] == tok.eos_id and pool_index == plain_pool
+    cut, _, _ = data.tokenize_view(tok, "Is it true?\n", "yes", cutoff=len(plain), eos=True)
+    assert cut == plain  # as CoIN: no room under the cutoff, no EOS
+    assert data.tokenize_view(tok, "Is it true?", "") is None  # no token would be supervised
+
+
+def test_right_truncation_keeps_the_first_tokens_as_coins_tokenizer_call(tok):
+    prompt = "Read the passage. " + "The river runs past the mill. " * 10 + "\n\n### Response:\n"
+    target = "yes, the mill stands by the river"
+    whole, _, _ = data.tokenize_view(tok, prompt, target, cutoff=1000)
+    n_prompt = len(tok.encode(prompt))
+    input_ids, labels, pool_index = data.tokenize_view(tok, prompt, target, cutoff=n_prompt + 2)
+    assert input_ids == whole[:n_prompt + 2] and labels[n_prompt:] == whole[n_prompt:n_prompt + 2]
+    assert pool_index == n_prompt + 1  # the last answer token that survived
+    assert data.tokenize_view(tok, prompt, target, cutoff=n_prompt) is None  # the answer is cut entirely
+
+
+def test_middle_truncation_cuts_the_prompts_middle_never_the_target(tok):
     prompt = ("Read the passage. " + "The river runs past the mill. " * 40
               + "OPTIONS:\n- yes\n- no\n\n### Response:\n")
     target = "yes, the mill stands by the river"
-    prompt_ids, target_ids = tok.encode(prompt, bos=False), tok.encode(target, bos=False, eos=True)
-    input_ids, labels = data.tokenize_view(tok, prompt, target, cutoff=40)
-    room = 40 - 1 - len(target_ids)
-    assert len(input_ids) == 40 and input_ids[0] == tok.bos_id
-    assert input_ids[1:1 + room // 2] == prompt_ids[:room // 2]  # the task words at the start stay
+    whole = tok.encode(prompt + target)
+    n_prompt = len(tok.encode(prompt))
+    answer = whole[n_prompt:]
+    input_ids, labels, pool_index = data.tokenize_view(tok, prompt, target, cutoff=40, truncation="middle")
+    room = 40 - 1 - len(answer)
+    assert len(input_ids) == 40 and input_ids[0] == tok.bos_id and pool_index == 39
+    assert input_ids[1:1 + room // 2] == whole[1:1 + room // 2]  # the task words at the start stay
     # options + response marker stay
-    assert input_ids[1 + room // 2:1 + room] == prompt_ids[-(room - room // 2):]
-    assert input_ids[-len(target_ids):] == labels[-len(target_ids):] == target_ids
-    assert data.tokenize_view(tok, prompt, target, cutoff=len(target_ids) + 1) is None  # no room for a prompt
+    assert input_ids[1 + room // 2:1 + room] == whole[n_prompt - (room - room // 2):n_prompt]
+    assert input_ids[-len(answer):] == labels[-len(answer):] == answer
+    assert labels[:1 + room] == [IGNORE_INDEX] * (1 + room)
+    # no room for a prompt token
+    assert data.tokenize_view(tok, prompt, target, cutoff=len(answer) + 1, truncation="middle") is None
 
 
 def test_dataset_drops_examples_that_cannot_fit_and_their_lone_partners(tok):
@@ -133,8 +160,8 @@ def test_dataset_drops_examples_that_cannot_fit_and_their_lone_partners(tok):
     examples = [Example("a", "t", "Q a?", "Ask a?", "yes", "g"),
                 Example("b", "t", "Q b?", "Ask b?", "no", "g"),
                 Example("c", "t", "Q c?", "Ask c?", "yes", "h"),
-                Example("d", "t", "Q d?", "Ask d?", long, "h"),
-                Example("e", "t", "Q e?", "Ask e?", long, "k")]
+                Example("d", "t", "Q d?" * 40, "Ask d?", long, "h"),
+                Example("e", "t", "Q e?" * 40, "Ask e?", long, "k")]
     dataset = data.ContrastiveDataset(examples, tok, cutoff=64)
     assert (dataset.dropped, dataset.orphans, len(dataset), dataset.groups) == (2, 1, 2, [[0, 1]])
     assert [dataset[i]["id"] for i in range(len(dataset))] == ["a", "b"]
@@ -144,10 +171,31 @@ def test_every_demo_row_has_supervised_tokens(tok):
     dataset = data.ContrastiveDataset(data.load_examples(DEMO)[0], tok)
     assert (dataset.dropped, dataset.orphans, len(dataset)) == (0, 0, 264)
     for item in dataset.items:
-        for input_ids, labels in (item["original"], item["paraphrase"]):
+        for input_ids, labels, pool_index in (item["original"], item["paraphrase"]):
             supervised = labels[labels != IGNORE_INDEX]
-            assert len(supervised) >= 2 and supervised[-1] == tok.eos_id
+            assert len(supervised) >= 1 and pool_index == len(input_ids) - 1
             assert torch.equal(supervised, input_ids[-len(supervised):])
+
+
+def test_training_ids_equal_hfs_sentencepiece_llama_tokenizer_on_every_demo_line(tok, llama_tokenizer_path):
+    """CoIN tokenized with transformers' slow LlamaTokenizer (4.30, legacy): BOS + sentencepiece over the
+    prompt + target string, add_eos_token False, and -100 over len(tokenizer(prompt)) positions."""
+    backends = pytest.importorskip("transformers.tokenization_utils_sentencepiece")
+    hf = backends.SentencePieceBackend(vocab_file=str(llama_tokenizer_path), legacy=True, bos_token="<s>",
+                                       eos_token="</s>", unk_token="<unk>")
+
+    def hf_ids(text):  # LlamaTokenizer's build_inputs_with_special_tokens: BOS, then the pieces
+        return [hf.bos_token_id] + hf(text, add_special_tokens=False)["input_ids"]
+    examples = data.load_examples(DEMO)[0]
+    for example in examples:
+        item = data.tokenize_example(example, tok, cutoff=10_000)
+        for view, text in (("original", example.original), ("paraphrase", example.paraphrase)):
+            prompt = data.PROMPT_TEMPLATE.format(instruction=text)
+            full, n_prompt = hf_ids(prompt + example.target), len(hf_ids(prompt))
+            input_ids, labels, _ = item[view]
+            assert input_ids.tolist() == full, (example.id, view)
+            assert labels.tolist() == [IGNORE_INDEX] * n_prompt + full[n_prompt:], (example.id, view)
+    assert len(examples) == 264
 
 
 # -----------------------------------------------------------------------------
@@ -191,14 +239,16 @@ def test_collate_stacks_originals_then_paraphrases_right_padded(tok):
     assert batch["input_ids"].shape[0] == 2 * B and batch["last_index"].shape == (2 * B,)
     assert batch["ids"] == [item["id"] for item in items]
     for i, item in enumerate(items):  # row i and row B+i: the two views of one example
-        for row, (input_ids, labels) in ((i, item["original"]), (B + i, item["paraphrase"])):
+        for row, (input_ids, labels, pool_index) in ((i, item["original"]), (B + i, item["paraphrase"])):
             n = len(input_ids)
             assert batch["input_ids"][row, :n].tolist() == input_ids.tolist()
             assert batch["labels"][row, :n].tolist() == labels.tolist()
             assert (batch["input_ids"][row, n:] == tok.pad_id).all()
             assert (batch["labels"][row, n:] == -100).all()
             assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
-            assert batch["last_index"][row] == n - 1 and batch["input_ids"][row, n - 1] == tok.eos_id
+            assert batch["last_index"][row] == pool_index == n - 1
+    groups = [item["group"] for item in items]
+    assert batch["group_index"].tolist() == [sorted(set(groups), key=groups.index).index(g) for g in groups]
     assert all(t.dtype == torch.long for k, t in batch.items() if k != "ids")
 
 

@@ -1,12 +1,16 @@
-"""Tests for evaluate.py: parsing, samples, batching, rank scoring, outputs, resume and errors.
+"""Tests for evaluate.py: CoIN's draws, inputs and parsing, batching, rank scoring, outputs, resume, errors.
 
 End-to-end runs use the real tiny model ../shared/models/stories260K with a random LoRA adapter, the demo data
-in examples/glue_demo and a small prompt file, so each takes about a second on a CPU.
+in examples/glue_demo and a small prompt file, so each takes about a second on a CPU. Where a test
+re-expresses the official code (luka-group/CoIN's promptbench/), it names the file it copies.
 """
+import ast
 import json
 import os
+import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ import evaluate
 import perturb
 import report
 from glue import LABELS, TASKS, load_task
-from hf_io import load_model, load_tokenizer, save_adapter
+from hf_io import Tokenizer, load_model, load_tokenizer, save_adapter
 from model import apply_lora, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,63 +71,167 @@ def read_predictions(results_dir):
 
 
 # -----------------------------------------------------------------------------
-# Labels and parsing
+# Parsing: CoIN's _process_cls_pred (promptbench/inference.py)
+
+INPUT = "Is this review 'positive' or 'negative'?a dull film ### Response:"
 
 
-@pytest.mark.parametrize("generated, labels, parsed", [
-    ("Not_entailment.", LABELS["rte"], "not_entailment"),
-    ("'Unacceptable'", LABELS["cola"], "unacceptable"),
-    ("acceptable", LABELS["cola"], "acceptable"),
-    ("neutral, because", LABELS["mnli"], "neutral"),
-    ("", LABELS["mnli"], None),
-    ("  \"Positive\"!\n### Instruction", LABELS["sst2"], "positive"),
-    ("entailment", LABELS["wnli"], "entailment"),
-    ("not_equivalent", LABELS["qqp"], "not_equivalent"),
-    ("equivalent.", LABELS["mrpc"], "equivalent"),
-    ("not entailment", LABELS["rte"], None),  # the strict reading (module docstring)
-    ("not-entailment", LABELS["rte"], None),
-    ("The answer is positive", LABELS["sst2"], None),
-    ("...", LABELS["sst2"], None),
+def parse(task, answer, input_text=INPUT):
+    """parse_answer on an answer decoded as CoIN decodes it: after its input."""
+    return evaluate.parse_answer(task, input_text + answer, input_text, answer)
+
+
+@pytest.mark.parametrize("task, answer, parsed", [
+    ("rte", "Not_entailment.", "not_entailment"),
+    ("cola", " 'Unacceptable'", "unacceptable"),
+    ("cola", "acceptable", "acceptable"),
+    ("mnli", " neutral, because", "neutral"),
+    ("mnli_matched", "Contradiction", "contradiction"),
+    ("mnli", "", None),
+    ("sst2", '  "Positive"!\n### Instruction', "positive"),
+    ("wnli", "entailment", "entailment"),
+    ("qqp", "not_equivalent", "not_equivalent"),
+    ("mrpc", "equivalent.", "equivalent"),
+    ("rte", "not entailment", None),
+    ("rte", "not-entailment", None),
+    ("sst2", "The answer is positive", None),
+    ("sst2", "...", None),
+    # digits: CoIN's LABEL_SET takes '0'/'1' for sst2, qnli, rte and wnli only, as the HF glue ids
+    ("sst2", " 1", "positive"), ("sst2", "0", "negative"), ("sst2", "10/10", "positive"),
+    ("rte", " 0.", "entailment"), ("rte", "1", "not_entailment"), ("wnli", "1", "entailment"),
+    ("qnli", "0", "entailment"), ("mnli", "2", None), ("mnli", "0", None), ("qqp", "1", None),
+    ("mrpc", "0", None), ("cola", "1", None),
+    # the strip set: backslash, braces and a zero-width space go; * ; ~ typographic quotes and nbsp stay
+    ("sst2", "\u200b{\\positive}", "positive"), ("sst2", "*positive*", None), ("sst2", "; positive", None),
+    ("sst2", "~positive", None), ("sst2", "\u201cpositive\u201d", None), ("sst2", "\u00a0positive", None),
 ])
-def test_parse_label(generated, labels, parsed):
-    assert evaluate.parse_label(generated, labels) == parsed
+def test_parse_answer(task, answer, parsed):
+    assert parse(task, answer) == parsed
 
 
-def test_parse_label_tries_the_longest_label_first():
-    assert evaluate.parse_label("ab", ("a", "ab")) == "ab"
-    assert evaluate.parse_label("a b", ("a", "ab")) == "a"
+def test_parse_answer_reads_what_follows_the_input():
+    # lowercased on both sides, so the input is found whatever its case; the instruction's label words are
+    # never read, and the answer alone ("?") is not either
+    assert evaluate.parse_answer("sst2", INPUT.upper() + " negative", INPUT, "?") == "negative"
+    assert evaluate.parse_answer("sst2", INPUT + " Posi<pad>ti</s>ve", INPUT, "?") == "positive"
+    # split(input)[1]: what follows the first copy of the input, up to the next one
+    assert evaluate.parse_answer("sst2", INPUT + " " + INPUT + " negative", INPUT, "?") is None
+    # no input in the decoded text (CoIN would crash): the answer alone
+    assert evaluate.parse_answer("sst2", "garbled negative", INPUT, " Positive") == "positive"
+
+
+def test_the_first_answer_in_coins_order_wins(monkeypatch):
+    monkeypatch.setitem(evaluate.ANSWERS, "mnli", (("neutral", 1), ("neutral, because", 2)))
+    assert parse("mnli", "neutral, because") == "neutral"  # not the longest
+    monkeypatch.setitem(evaluate.ANSWERS, "mnli", (("neutral, because", 2), ("neutral", 1)))
+    assert parse("mnli", "neutral, because") == "contradiction"
+
+
+# The argument of _process_cls_pred's strip() in promptbench/inference.py, as source text.
+COIN_STRIP = r'''",._\"\'-+=!?()&^%$#@:\\|\{\}[]<>/`\n\t\r\v\f\u200b "'''
+
+
+def test_strip_is_coins_literal_as_python_reads_it():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "\{" is an invalid escape: Python warns and keeps the backslash
+        coin = ast.literal_eval(COIN_STRIP)
+    assert set(evaluate.STRIP) == set(coin) and len(set(coin)) == 36
+    assert {"\\", "{", "}", "\u200b", "\v"} <= set(coin) and not {"*", ";", "~", "\u00a0"} & set(coin)
+
+
+def test_generated_answers_are_decoded_after_their_input(llama_tokenizer_path, monkeypatch):
+    tok = Tokenizer(llama_tokenizer_path)
+    answers = ["Positive.", "1", "The film is positive", "</s>Negative"]  # the last one: "</s>" as text
+
+    def fake_generate(model, prompts, *args):  # each prompt's answer, then eos
+        return [tok.encode(answers[i], bos=False) + [tok.eos_id] for i in range(len(prompts))]
+    monkeypatch.setattr(evaluate, "generate_batched", fake_generate)
+    texts = [evaluate.build_input("Answer 'positive' or 'negative':", "it 's a fine film . ")] * 4
+    assert all(t.lower() in tok.decode(tok.encode(t)).lower() for t in texts)  # the split finds the input
+    out = evaluate.predict(None, tok, texts, "sst2", evaluate.EvalConfig())
+    assert out == [("Positive.", "positive"), ("1", "positive"), ("The film is positive", None),
+                   ("</s>Negative", "negative")]  # CoIN removes "</s>" from the decoded input + answer
 
 
 # -----------------------------------------------------------------------------
 # Samples
 
-def test_samples_are_stable_across_processes_and_independent_of_other_tasks(tmp_path):
-    here = evaluate.draw_indices("rte", 1000, 300, 0)
-    code = "import evaluate; print(evaluate.draw_indices('rte', 1000, 300, 0))"
+def coin_draws(size, n=300, seed=42):
+    """CoIN's draws for one task (evaluate.draw_indices' comment): seed_all(42), then, attack by attack,
+    promptbench/dataload.py's GLUE(task, n): random.sample(range(len(data)), min(task_to_cnt[task], n))."""
+    state, draws = random.getstate(), {}
+    random.seed(seed)
+    for method in ["clean", "deepwordbug", "textfooler", "checklist", "semantic"]:
+        draws[method] = random.sample(range(size), min(size, n))
+    random.setstate(state)
+    return draws
+
+
+def test_coin_protocol_replays_coins_draws_for_every_task_and_group(tmp_path):
+    sizes = {"rte": 277, "sst2": 872, "qqp": 40430}
+    groups = [*evaluate.DRAW_ORDER, "mine"]  # a group CoIN lacks is drawn after CoIN's five
+    samples = evaluate.load_or_draw_samples(tmp_path / "s.json", sizes, groups, evaluate.EvalConfig())
+    for task, size in sizes.items():
+        mine = samples[task].pop("mine")
+        assert samples[task] == coin_draws(size)  # every group, in drawn order
+        assert len(set(mine)) == min(size, 300) and mine not in samples[task].values()
+    assert samples["sst2"]["clean"] != sorted(samples["sst2"]["clean"])
+    assert sorted(samples["rte"]["clean"]) == list(range(277))  # min(size, 300)
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert (saved["protocol"], saved["seed"], saved["samples"]) == ("coin", 42, 300)
+    assert saved["tasks"]["rte"]["size"] == 277 and list(saved["tasks"]["rte"]["indices"]) == groups
+
+
+def test_paired_protocol_shares_one_sorted_draw_per_task_in_every_process(tmp_path):
+    here = evaluate.draw_indices("paired", "rte", 1000, 300, 0, ["clean", "checklist"])
+    code = "import evaluate; print(evaluate.draw_indices('paired', 'rte', 1000, 300, 0, ['a'])['a'])"
     env = dict(os.environ, PYTHONHASHSEED="123")  # hash() would differ; the string-seeded RNG must not
     there = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                            check=True)
-    assert json.loads(there.stdout) == here
-    assert len(here) == len(set(here)) == 300 and here == sorted(here)
-    assert evaluate.draw_indices("rte", 20, 300, 0) == list(range(20))  # min(300, size)
-    assert evaluate.draw_indices("rte", 1000, 300, 1) != here
-    both = evaluate.load_or_draw_samples(tmp_path / "a.json", {"rte": 1000, "sst2": 900}, 300, 0)
-    alone = evaluate.load_or_draw_samples(tmp_path / "b.json", {"sst2": 900}, 300, 0)
+    assert json.loads(there.stdout) == here["clean"] == here["checklist"]
+    assert len(set(here["clean"])) == 300 and here["clean"] == sorted(here["clean"])
+    assert evaluate.draw_indices("paired", "rte", 1000, 300, 1, ["a"])["a"] != here["clean"]
+    cfg, groups = evaluate.EvalConfig(protocol="paired", seed=0), ["clean", "checklist"]
+    both = evaluate.load_or_draw_samples(tmp_path / "a.json", {"rte": 1000, "sst2": 900}, groups, cfg)
+    alone = evaluate.load_or_draw_samples(tmp_path / "b.json", {"sst2": 900}, groups, cfg)
     assert both["rte"] == here and both["sst2"] == alone["sst2"]
-    with pytest.raises(ValueError, match="drawn with --seed 0"):
-        evaluate.load_or_draw_samples(tmp_path / "a.json", {"rte": 1000}, 300, 1)
+
+
+def test_samples_json_refuses_other_flags_and_sizes(tmp_path):
+    path, groups = tmp_path / "samples.json", ["clean"]
+    evaluate.load_or_draw_samples(path, {"rte": 1000}, groups, evaluate.EvalConfig())
+    for flags, message in (({"protocol": "paired"}, "drawn with --protocol coin; use the same --protocol"),
+                           ({"seed": 1}, "drawn with --seed 42"),
+                           ({"samples": 30}, "drawn with --samples 300")):
+        with pytest.raises(ValueError, match=message):
+            evaluate.load_or_draw_samples(path, {"rte": 1000}, groups, evaluate.EvalConfig(**flags))
     with pytest.raises(ValueError, match="rte had 1000 examples when drawn, now 999"):
-        evaluate.load_or_draw_samples(tmp_path / "a.json", {"rte": 999}, 300, 0)
+        evaluate.load_or_draw_samples(path, {"rte": 999}, groups, evaluate.EvalConfig())
+    path.write_text(json.dumps({"seed": 42, "samples": 300, "tasks": {}}))  # an older evaluate.py's
+    with pytest.raises(ValueError, match="drawn with --protocol [(]unset[)]"):
+        evaluate.load_or_draw_samples(path, {"rte": 1000}, groups, evaluate.EvalConfig())
 
 
 # -----------------------------------------------------------------------------
 # Prompts and inputs
 
+def coin_cls_input(prompt, content):
+    """promptbench/inference.py's _process_cls_input for contrastive_llama with shot 0, re-expressed."""
+    input_text = prompt
+    input_text += (content + '### Response:')
+    return input_text
 
-def test_inputs_in_the_paper_and_training_formats():
-    paper = evaluate.build_input("Classify it: ", "a fine film", "paper")
-    assert paper == "Classify it: a fine film ### Response:"
-    assert evaluate.build_input("Classify it:", "a fine film", "train") == \
+
+def test_coin_input_is_coins_string_byte_for_byte():
+    unspaced = "Classify the sentiment as 'positive' or 'negative':"  # 99 of the paper's 240 end so
+    sentence = "it 's a charming and often affecting journey . "  # HF glue's sst2 sentences end in a space
+    assert evaluate.build_input(unspaced, sentence) == coin_cls_input(unspaced, sentence) == \
+        "Classify the sentiment as 'positive' or 'negative':it 's a charming and often affecting journey . " \
+        "### Response:"
+    spaced, pair = "Does the first entail the second? ", "Sentence 1: A man sings. Sentence 2: He sings."
+    assert evaluate.build_input(spaced, pair, "coin") == coin_cls_input(spaced, pair) == \
+        "Does the first entail the second? Sentence 1: A man sings. Sentence 2: He sings.### Response:"
+    assert evaluate.build_input("Classify it: ", "a fine film", "train") == \
         "Classify it: a fine film\n\n### Response:\n"
 
 
@@ -181,23 +289,42 @@ def test_end_to_end_writes_predictions_results_and_tables(ckpt, prompts, capsys)
     assert all(p["pred"] in (None, *LABELS[p["task"]]) for p in preds)
     results = json.loads((out / "results.json").read_text())
     assert len(results["cells"]) == 8 and results["protocol"]["mode"] == "generate"
+    assert (results["protocol"]["protocol"], results["protocol"]["format"]) == ("coin", "coin")
     cell = results["cells"]["sst2/clean/1"]
     assert cell["n"] == 3 and cell["instruction"] == PROMPTS["clean"]["sst2"][1]
     accs = [results["cells"][f"rte/checklist/{p}"]["accuracy"] for p in range(2)]
     assert results["summary"]["rte"]["checklist"]["mean"] == pytest.approx(sum(accs) / 2)
     assert set(results["averages"]["by_category"]["clean"]) == {"Sentiment", "NLI"}
+    assert results["averages"]["pooled"]["clean"]["cells"] == 4
     table = (out / "table.md").read_text()
-    assert "| group | rte | sst2 | Average |" in table and "## Table 1" in table and " ± " in table
+    assert "| group | rte | sst2 | Average | mean task std |" in table and "## Table 1" in table
     assert "## Table 2" in capsys.readouterr().out
 
 
-def test_samples_are_the_same_across_runs_and_subsets_of_groups(ckpt, prompts):
+def test_groups_of_a_task_get_coins_draws_in_full_runs_and_subsets(ckpt, prompts):
     run_main(ckpt, prompts, "--out", str(ckpt / "both"))
     run_main(ckpt, prompts, "--out", str(ckpt / "one"), "--groups", "checklist")
     both, one = (json.loads((ckpt / d / "samples.json").read_text()) for d in ("both", "one"))
     assert both == one
-    same = [p for p in read_predictions(ckpt / "both") if p["group"] == "checklist"]
+    for task in ("sst2", "rte"):  # CoIN's draws, every one of them, for any --groups
+        assert both["tasks"][task]["indices"] == coin_draws(len(load_task(task, DEMO)), n=3)
+    preds = read_predictions(ckpt / "both")
+    for task, group in (("sst2", "clean"), ("sst2", "checklist"), ("rte", "checklist")):  # in drawn order
+        idx = [p["idx"] for p in preds if (p["task"], p["group"], p["prompt_index"]) == (task, group, 1)]
+        assert idx == both["tasks"][task]["indices"][group]
+    assert both["tasks"]["sst2"]["indices"]["clean"] != both["tasks"]["sst2"]["indices"]["checklist"]
+    same = [p for p in preds if p["group"] == "checklist"]
     assert same == read_predictions(ckpt / "one")  # same examples, same answers
+
+
+def test_paired_protocol_scores_every_group_on_the_same_examples(ckpt, prompts):
+    run_main(ckpt, prompts, "--protocol", "paired", "--groups", "checklist")
+    indices = json.loads((ckpt / "results" / "samples.json").read_text())["tasks"]["sst2"]["indices"]
+    assert list(indices) == list(evaluate.DRAW_ORDER) and all(i == indices["clean"] for i in indices.values())
+    preds = read_predictions(ckpt / "results")
+    assert [p["idx"] for p in preds if p["task"] == "sst2"] == indices["clean"] * 2  # two prompts
+    results = json.loads((ckpt / "results" / "results.json").read_text())
+    assert results["protocol"]["protocol"] == "paired"
 
 
 def test_resume_recomputes_only_unfinished_cells(ckpt, prompts, monkeypatch):
@@ -220,6 +347,8 @@ def test_resume_recomputes_only_unfinished_cells(ckpt, prompts, monkeypatch):
     assert len(generated) == 3 and read_predictions(out) == first
     with pytest.raises(SystemExit, match="made with max_new_tokens=7, now 3"):
         run_main(ckpt, prompts, "--resume", "--max-new-tokens", "3")
+    with pytest.raises(SystemExit, match="^error: .*drawn with --protocol coin; use the same --protocol"):
+        run_main(ckpt, prompts, "--resume", "--protocol", "paired")
 
 
 def test_rank_mode_is_reported_separately_and_never_invalid(ckpt, prompts):
@@ -233,13 +362,26 @@ def test_rank_mode_is_reported_separately_and_never_invalid(ckpt, prompts):
     assert not (ckpt / "results").exists()
 
 
-def test_hidden_report_pairs_each_group_with_clean(ckpt, prompts):
+def test_hidden_report_pairs_each_group_with_clean_on_cleans_examples(ckpt, prompts, monkeypatch, capsys):
+    given = {}
+
+    def recording_report(model, tokenizer, task, texts, *args):
+        given.update(texts)
+        return real_report(model, tokenizer, task, texts, *args)
+    real_report = evaluate.hidden_report
+    monkeypatch.setattr(evaluate, "hidden_report", recording_report)
     run_main(ckpt, prompts, "--hidden-report", "sst2", tasks="all")
+    clean = json.loads((ckpt / "results" / "samples.json").read_text())["tasks"]["sst2"]["indices"]["clean"]
+    examples = [load_task("sst2", DEMO)[i]["content"] for i in clean]
+    for group in ("clean", "checklist"):  # prompt-major, every group on clean's examples
+        assert given[group] == [evaluate.build_input(instruction, content)
+                                for instruction in PROMPTS[group]["sst2"] for content in examples]
     report = json.loads((ckpt / "results" / "hidden_report.json").read_text())
     cosine = report["cosine_to_clean"]
     assert set(cosine) == {"checklist"} and -1 <= cosine["checklist"] <= 1
     assert {g: len(xy) for g, xy in report["pca"].items()} == {"clean": 2 * 3, "checklist": 2 * 3}
     assert 0 < sum(report["pca_explained_variance"]) <= 1
+    assert "sst2 checklist    mean cosine similarity to clean" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +410,12 @@ def test_summary_means_population_std_consistency_and_categories():
     answers["sst2/clean/1"] = [("negative", "positive")] * 2  # 0%: std over prompts is 25 (population)
     results = evaluate.summarize(cells, records_for(cells, answers), {"mode": "generate"})
     assert results["summary"]["sst2"]["clean"]["std"] == 25.0
-    assert "| clean | 100.0 ± 0.0 | 25.0 ± 25.0 | 62.5 ± 12.5 |" in report.render_tables(results)
+    # Table 2's Average pools the group's cells 50, 0 and 100: mean 50, population std
+    # sqrt((0² + 50² + 50²) / 3) = 40.82; the mean of the task stds is (25 + 0) / 2 = 12.5
+    averages = results["averages"]
+    assert averages["pooled"]["clean"] == dict(mean=50.0, std=pytest.approx((5000 / 3) ** 0.5), cells=3)
+    assert averages["mean_of_task_stds"]["clean"] == 12.5 and averages["by_group"]["clean"] == 62.5
+    assert "| clean | 100.0 ± 0.0 | 25.0 ± 25.0 | 50.0 ± 40.8 | 12.5 |" in report.render_tables(results)
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from glue import LABELS, TASKS, load_task
+from glue import ANSWERS, LABELS, TASKS, load_task
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "glue_demo"
 
@@ -17,6 +17,72 @@ def test_label_ids_follow_hf_glue():
         "mnli": nli, "mnli_matched": nli, "mnli_mismatched": nli,
         "qnli": ("entailment", "not_entailment"), "rte": ("entailment", "not_entailment"),
         "wnli": ("not_entailment", "entailment")}
+
+
+# promptbench/config.py's LABEL_TO_ID for the GLUE tasks (mnli's serves its parts), copied
+COIN_LABEL_TO_ID = {
+    'sst2': {'negative': 0, 'positive': 1, '0': 0, '1': 1},
+    'mnli': {'entailment': 0, 'neutral': 1, 'contradiction': 2, '0': 0, '1': 1, '2': 2},
+    'qqp': {'equivalent': 1, 'not_equivalent': 0, '0': 0, '1': 1},
+    'qnli': {'entailment': 0, 'not_entailment': 1, '0': 0, '1': 1},
+    'rte': {'entailment': 0, 'not_entailment': 1, '0': 0, '1': 1},
+    'cola': {'unacceptable': 0, 'acceptable': 1, '0': 0, '1': 1},
+    'mrpc': {'equivalent': 1, 'not_equivalent': 0, '0': 0, '1': 1},
+    'wnli': {'entailment': 1, 'not_entailment': 0, '0': 0, '1': 1},
+}
+
+
+def test_answers_are_coins_label_set_with_its_ids():
+    assert set(ANSWERS) == set(TASKS)
+    for task, answers in ANSWERS.items():
+        ids = COIN_LABEL_TO_ID["mnli" if task.startswith("mnli") else task]
+        for answer, label in answers:  # "word'" never wins, and has no id of its own: the word's
+            assert label == ids[answer.rstrip("'")], (task, answer)
+    words = {task: [answer for answer, _ in answers] for task, answers in ANSWERS.items()}
+    assert words["sst2"] == ["positive", "negative", "positive'", "negative'", "0", "1", "0'", "1'"]
+    assert words["rte"] == words["qnli"] == words["wnli"] == [
+        "entailment", "not_entailment", "entailment'", "not_entailment'", "0", "1", "0'", "1'"]
+    assert words["mnli"] == words["mnli_matched"] == words["mnli_mismatched"] == [
+        "entailment", "neutral", "contradiction", "entailment'", "neutral'", "contradiction'"]
+    assert words["qqp"] == words["mrpc"] == ["equivalent", "not_equivalent", "equivalent'", "not_equivalent'"]
+    assert words["cola"] == ["unacceptable", "acceptable", "unacceptable'", "acceptable'"]
+    assert LABELS["wnli"][dict(ANSWERS["wnli"])["1"]] == "entailment"
+    assert LABELS["rte"][dict(ANSWERS["rte"])["1"]] == "not_entailment"
+
+
+def coin_content(task, row):
+    """promptbench/dataload.py's GLUE.get_content_by_idx, re-expressed on one HF glue row."""
+    if task == "sst2" or task == "cola":
+        return row['sentence']
+    if task == 'qqp':
+        return 'Question 1: ' + row['question1'] + ' Question 2: ' + row['question2']
+    if task in ('mnli', 'mnli_matched', 'mnli_mismatched'):
+        return 'Premise: ' + row['premise'] + ' Hypothesis: ' + row['hypothesis']
+    if task == 'qnli':
+        return 'Question: ' + row['question'] + ' Context: ' + row['sentence']
+    return 'Sentence 1: ' + row['sentence1'] + ' Sentence 2: ' + row['sentence2']  # rte, mrpc, wnli
+
+
+HF_ROWS = {  # one validation row per file, spaces kept as HF glue has them (sst2's sentences end in one)
+    "sst2": {"sentence": "it 's a charming  journey . ", "label": 1},
+    "cola": {"sentence": " Odd spacing stays ", "label": 0},
+    "qqp": {"question1": "Why?", "question2": " How? ", "label": 0},
+    "mnli_matched": {"premise": "P one.", "hypothesis": "H one.", "label": 2},
+    "mnli_mismatched": {"premise": "P two. ", "hypothesis": "H two.", "label": 0},
+    "qnli": {"question": "Who?", "sentence": "He did.", "label": 1},
+    "rte": {"sentence1": "S1.", "sentence2": "S2.", "label": 0},
+    "mrpc": {"sentence1": "A b.", "sentence2": "B a.", "label": 1},
+    "wnli": {"sentence1": "It fell.", "sentence2": "The cup fell.", "label": 1},
+}
+
+
+def test_content_is_laid_out_as_coins_promptbench(tmp_path):
+    for name, row in HF_ROWS.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    for task in TASKS:
+        parts = ("mnli_matched", "mnli_mismatched") if task == "mnli" else (task,)
+        expected = [coin_content(task, HF_ROWS[part]) for part in parts]
+        assert [ex["content"] for ex in load_task(task, tmp_path)] == expected, task
 
 
 GLUE_FILES = {  # the GLUE download script's layout: a header row except for CoLA, labels as ids or words

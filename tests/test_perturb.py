@@ -1,4 +1,5 @@
-"""Tests for perturb.py: protected spans, determinism, strength, formats, the CLI and its errors.
+"""Tests for perturb.py: protected spans, determinism, strength, formats, the CLI and its errors, and
+copying PromptBench's precomputed prompts out of its config.py.
 
 Offline, no nltk.
 """
@@ -250,6 +251,120 @@ def test_semantic_file_missing_a_task_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match=r"--semantic file: task 'cola' has 0 instructions"):
         perturb.main(["--prompts", str(CLEAN_FILE), "--out", str(tmp_path / "o.json"),
                       "--semantic", str(tmp_path / "mine.json")])
+
+
+# -----------------------------------------------------------------------------
+# PromptBench's precomputed prompts: --from-promptbench
+
+PROMPTBENCH_CONFIG = """\
+# Copyright (c) Microsoft Corporation.
+import os
+import pathlib
+
+LABEL_SET = {'sst2': ['positive', 'negative']}
+MODEL_SET = [name for name in os.environ]
+
+
+def attack():
+    pathlib.Path(MARKER).write_text('ran')
+
+
+attack()
+
+PROMPT_SET_Promptbench_adv = {
+    'clean': {
+        'sst2': ["Read the excerpt and choose between 'positive' and 'negative': ",
+                 'Is this na\\u00efve review positive or negative?'],
+        'squad_v2': ['Answer from the context; if unanswerable, say "unanswerable". '],
+        'mnli': ["Does the premise entail it? Answer 'entailment', 'neutral' or "
+                 "'contradiction': "],
+    },
+    'deepwordbug': {
+        'mnli': ["Dose the premsie entail it? Answer 'entailment', 'neutral' or 'contradiction':"],
+        'sst2': ["Raed the excerpt and chosoe between 'positive' and 'negative':  "],
+    },
+}
+LANGUAGES = {'en': 'English'}
+"""
+PROMPTBENCH_GLUE = {  # the fixture's literal without squad_v2, in file order, every trailing space kept
+    "clean": {
+        "sst2": ["Read the excerpt and choose between 'positive' and 'negative': ",
+                 "Is this na\u00efve review positive or negative?"],
+        "mnli": ["Does the premise entail it? Answer 'entailment', 'neutral' or 'contradiction': "],
+    },
+    "deepwordbug": {
+        "mnli": ["Dose the premsie entail it? Answer 'entailment', 'neutral' or 'contradiction':"],
+        "sst2": ["Raed the excerpt and chosoe between 'positive' and 'negative':  "],
+    },
+}
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "perturb.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_from_promptbench_copies_the_glue_prompts_byte_for_byte_and_never_runs_the_file(tmp_path, capsys):
+    marker, config, out = tmp_path / "ran.txt", tmp_path / "config.py", tmp_path / "new" / "prompts.json"
+    config.write_text(PROMPTBENCH_CONFIG.replace("MARKER", repr(str(marker))), encoding="utf-8")
+    perturb.main(["--from-promptbench", str(config), "--out", str(out)])
+    expected = json.dumps(PROMPTBENCH_GLUE, indent=2, ensure_ascii=False) + "\n"
+    assert out.read_text(encoding="utf-8") == expected and "na\u00efve" in expected
+    assert list(json.loads(expected)["deepwordbug"]) == ["mnli", "sst2"]  # file order, not sorted
+    assert not marker.exists() and os.listdir(out.parent) == ["prompts.json"]
+    assert capsys.readouterr().out == (f"wrote {out}: 2 groups (clean, deepwordbug), 2 tasks (sst2, mnli), "
+                                       "5 instructions; dropped (not GLUE): squad_v2\n")
+    assert perturb.load_promptbench(config) == (PROMPTBENCH_GLUE, ["squad_v2"])
+
+
+NOT_A_SET = (r"PATH: PROMPT_SET_Promptbench_adv must be \{group: \{task: \[instruction, \.\.\.\]\}\} "
+             r"of non-empty strings; ")
+BAD_GROUP = NOT_A_SET + "group 'clean' is not"
+
+
+@pytest.mark.parametrize("config, message", [
+    (None, r"PATH: no such file: give the path of your copy of PromptBench's config\.py"),
+    ("PROMPT_SET = {}\n",
+     r"PATH: no top-level `PROMPT_SET_Promptbench_adv = \{\.\.\.\}` assignment: give the file that"),
+    ("import os\nPROMPT_SET_Promptbench_adv = {'clean': {'sst2': [os.sep]}}\n",
+     r"PATH:2: PROMPT_SET_Promptbench_adv is not a plain literal \(.+\): write it out as literals only"),
+    ("PROMPT_SET_Promptbench_adv = {\n    'clean': {\n", r"PATH:\d+: not valid Python \(.+\): fix it"),
+    ("PROMPT_SET_Promptbench_adv = ['Say positive or negative.']\n",
+     NOT_A_SET + r"it is \['Say positive or negative\.'\]"),
+    ("PROMPT_SET_Promptbench_adv = {}\n", NOT_A_SET + r"it is \{\}"),
+    ("PROMPT_SET_Promptbench_adv = {'clean': ['Say positive or negative.']}\n", BAD_GROUP),
+    ("PROMPT_SET_Promptbench_adv = {'clean': {'sst2': 'Say positive or negative.'}}\n", BAD_GROUP),
+    ("PROMPT_SET_Promptbench_adv = {'clean': {'sst2': [1]}}\n", BAD_GROUP),
+    ("PROMPT_SET_Promptbench_adv = {'clean': {'sst2': []}}\n", BAD_GROUP),
+    ("PROMPT_SET_Promptbench_adv = {'clean': {'sst2': ['Say it.', '  ']}}\n", BAD_GROUP),
+    ("PROMPT_SET_Promptbench_adv = {'clean': {1: ['Say it.']}}\n", BAD_GROUP),
+])
+def test_bad_promptbench_configs_give_a_one_line_error_and_write_nothing(tmp_path, config, message):
+    path = tmp_path / "config.py"
+    if config is not None:
+        path.write_text(config)
+    message = message.replace("PATH", re.escape(str(path)))
+    with pytest.raises(ValueError) as error:
+        perturb.load_promptbench(path)
+    assert re.match(message, str(error.value)) and "\n" not in str(error.value)
+    result = run_cli("--from-promptbench", path, "--out", tmp_path / "out" / "prompts.json")
+    assert result.returncode != 0 and result.stdout == ""
+    assert re.fullmatch("error: " + message + r"[^\n]*\n", result.stderr)  # no traceback
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], r"one of the arguments --prompts --from-promptbench is required"),
+    (["--prompts", CLEAN_FILE, "--from-promptbench", "config.py"], r"not allowed with argument"),
+    (["--from-promptbench", "config.py", "--seed", "3"], r"--from-promptbench copies, it does not perturb"),
+    (["--from-promptbench", "config.py", "--wordnet"], r"drop the perturbation flags"),
+])
+def test_one_of_prompts_or_from_promptbench_which_takes_no_perturbation_flag(tmp_path, capsys, args, message):
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as exit_:
+        perturb.main([*map(str, args), "--out", str(out)])
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_perturb_is_torch_free():

@@ -312,16 +312,16 @@ def test_anchors_without_a_hard_negative_are_skipped_and_counted(flan):
 # -----------------------------------------------------------------------------
 # Built examples tokenize as data.py says
 
-def test_training_view_is_prompt_template_then_target_then_eos(tok, flan, source_dir):
+def test_training_view_is_prompt_template_and_target_as_one_string(tok, flan, source_dir):
     _, examples, _ = build(flan, source_dir, per_task=1)
     for example in examples:
         item = data.tokenize_example(example, tok)
         for view, text in (("original", example.original), ("paraphrase", example.paraphrase)):
-            input_ids, labels = (t.tolist() for t in item[view])
-            prompt = tok.encode(text + "\n\n### Response:\n")
-            target = tok.encode(example.target, bos=False, eos=True)
-            assert input_ids == prompt + target and labels == [IGNORE_INDEX] * len(prompt) + target
-            assert labels[-1] == tok.eos_id
+            input_ids, labels = (t.tolist() for t in item[view][:2])
+            prompt = text + "\n\n### Response:\n"
+            n_prompt = len(tok.encode(prompt))
+            assert input_ids == tok.encode(prompt + example.target)
+            assert labels == [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,26 @@ def test_compare_prints_the_difference_of_two_results_dirs(tmp_path):
 def test_one_results_dir_prints_its_tables(tmp_path, capsys):
     cells = {"rte/clean/0": ("rte", "clean", 0, "a")}
     results = evaluate.summarize(cells, records_for(cells, {"rte/clean/0": [("entailment", "entailment")]}),
-                                 {"mode": "generate"})
+                                 {"mode": "generate", "protocol": "coin"})
     (tmp_path / "results.json").write_text(json.dumps(results))
     report.main([str(tmp_path)])
-    assert "| clean | 100.0 ± 0.0 | 100.0 ± 0.0 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("# Results (generate, protocol coin)")
+    assert "| group | rte | Average | mean task std |" in out
+    assert "| clean | 100.0 ± 0.0 | 100.0 ± 0.0 | 0.0 |" in out
+
+
+def test_table2_average_pools_all_cells_of_a_group():
+    """CoIN's Table 2 Average: mean ± population std over every task x prompt cell, not the mean of the
+    task stds."""
+    cells = {"sst2/clean/0": ("sst2", "clean", 0, "a"), "sst2/clean/1": ("sst2", "clean", 1, "b"),
+             "rte/clean/0": ("rte", "clean", 0, "c"), "rte/clean/1": ("rte", "clean", 1, "d")}
+    right = ("positive", "positive")
+    answers = {"sst2/clean/0": [right] * 4, "sst2/clean/1": [right] * 4,  # 100, 100: std 0
+               "rte/clean/0": [("entailment", "entailment")] * 2 + [(None, "entailment")] * 2,  # 50
+               "rte/clean/1": [(None, "entailment")] * 4}  # 0: rte's std is 25
+    results = evaluate.summarize(cells, records_for(cells, answers), {"mode": "generate"})
+    # cells 100, 100, 50, 0: mean 62.5; deviations 37.5, 37.5, -12.5, -62.5: variance
+    # (1406.25 * 2 + 156.25 + 3906.25) / 4 = 1718.75, std 41.46; mean of task stds (0 + 25) / 2 = 12.5
+    table = report.render_tables(results)
+    assert "| clean | 25.0 ± 25.0 | 100.0 ± 0.0 | 62.5 ± 41.5 | 12.5 |" in table
