@@ -231,11 +231,13 @@ def build_model(cfg, device, dtype):
 def epoch_steps(groups, cfg, epoch):
     """The micro-batches (lists of dataset indices) of each optimizer step of one epoch: windows of
     k = batch_size // micro_batch_size micro-batches, the groups reshuffled per epoch (data.micro_batches),
-    deterministically, so a resumed run just skips the steps it has done. As HF's Trainer (the official
-    run), an epoch's last partial window is not stepped, unless the epoch is shorter than one window."""
+    deterministically, so a resumed run just skips the steps it has done."""
     k = cfg.batch_size // cfg.micro_batch_size
     batches = micro_batches(groups, cfg.micro_batch_size, cfg.seed, epoch, cfg.shuffle)
-    return [batches[start:start + k] for start in range(0, max(1, len(batches) // k) * k, k)]
+    windows = [batches[start:start + k] for start in range(0, len(batches), k)]
+    if len(windows) > 1 and sum(map(len, windows[-1])) < cfg.batch_size:
+        windows.pop()  # as HF's Trainer (the official run): an epoch's last partial step is not taken
+    return windows
 
 
 def training_steps(groups, cfg):

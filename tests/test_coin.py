@@ -443,3 +443,15 @@ def test_holdout_leaves_the_files_last_examples_out(tmp_path, stories_dir):
     assert trained and not trained & held_out
     with pytest.raises(ValueError, match="--holdout 264: .* has 264 examples; hold out fewer"):
         coin.set_up(coin.parse_config(flags + ["--holdout", "264"]))
+
+
+@pytest.mark.parametrize("groups, micro_batch_size, steps",
+                         [(127, 16, 3), (132, 16, 4), (127, 2, 3), (20, 4, 1)])
+def test_steps_per_epoch_are_hf_trainers_at_the_official_micro_batch(groups, micro_batch_size, steps):
+    """HF's Trainer at micro-batch 2 (one group) and 32 accumulation steps takes floor(groups / 32) steps an
+    epoch (one if the epoch is shorter than a step): so must we, at any micro-batch size."""
+    cfg = coin.TrainConfig(batch_size=64, micro_batch_size=micro_batch_size)
+    pairs = [[2 * g, 2 * g + 1] for g in range(groups)]
+    windows = coin.epoch_steps(pairs, cfg, epoch=0)
+    assert len(windows) == steps == coin.count_steps(pairs, cfg)
+    assert all(sum(map(len, window)) == 64 for window in windows) or steps == 1
