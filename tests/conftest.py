@@ -1,4 +1,5 @@
-"""Shared test fixtures: the repo root on sys.path, and the real material in ../shared."""
+"""Shared test fixtures: the repo root on sys.path, the real material in ../shared, small data helpers."""
+import json
 import sys
 from pathlib import Path
 
@@ -34,3 +35,21 @@ def llama_tokenizer_path():
 def flan_templates_path():
     """The real FLAN instruction templates (61 datasets)."""
     return shared("flan", "templates.json")
+
+
+@pytest.fixture
+def tok(llama_tokenizer_path):
+    """The real LLaMA tokenizer, as coin uses it."""
+    from hf_io import Tokenizer
+    return Tokenizer(llama_tokenizer_path)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def record(id, group, **changes):
+    """One valid flan_coin.jsonl line, with `changes` applied."""
+    return {"id": id, "task": "rte", "original": f"Is {id} true?", "paraphrase": f"Tell me: is {id} true?",
+            "target": "yes", "group": group, **changes}

@@ -10,26 +10,11 @@ import pytest
 import torch
 
 import data
+from conftest import record, write_jsonl
 from data import IGNORE_INDEX, Example
-from hf_io import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "flan_coin_demo.jsonl"
-
-
-@pytest.fixture
-def tok(llama_tokenizer_path):
-    return Tokenizer(llama_tokenizer_path)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def record(id, group, **changes):
-    return {"id": id, "task": "rte", "original": f"Is {id} true?", "paraphrase": f"Tell me: is {id} true?",
-            "target": "yes", "group": group, **changes}
 
 
 # -----------------------------------------------------------------------------

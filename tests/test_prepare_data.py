@@ -4,7 +4,6 @@ The template tests use the real FLAN templates, and the tokenization test the re
 from ../shared.
 """
 import csv
-import json
 import re
 import shlex
 import subprocess
@@ -15,32 +14,17 @@ import pytest
 
 import data
 import prepare_data
+from conftest import record, write_jsonl
 from data import IGNORE_INDEX, Example
 from glue import FLAN_LAYOUTS
-from hf_io import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "flan_coin_demo.jsonl"
 
 
 @pytest.fixture
-def tok(llama_tokenizer_path):
-    return Tokenizer(llama_tokenizer_path)
-
-
-@pytest.fixture
 def flan(flan_templates_path):
     return prepare_data.load_templates(flan_templates_path)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def record(id, group, **changes):
-    return {"id": id, "task": "rte", "original": f"Is {id} true?", "paraphrase": f"Tell me: is {id} true?",
-            "target": "yes", "group": group, **changes}
 
 
 # -----------------------------------------------------------------------------
