@@ -344,6 +344,7 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, stories_dir):
     (["--data", DEMO, "--base", "BASE", "--tiny"], "give either --base"),
     (["--data", DEMO, "--base", "BASE", "--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
     (["--data", DEMO, "--base", "BASE", "--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    (["--data", DEMO, "--base", "BASE", "--cutoff", "8"], "no group left to train on; raise --cutoff"),
 ])
 def test_bad_flags(tmp_path, stories_dir, flags, message):
     flags = [str(stories_dir) if f == "BASE" else f for f in flags]
