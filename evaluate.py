@@ -45,7 +45,7 @@ from tqdm import tqdm
 from config import DTYPES, opt, parse_flags, resolve_precision
 from data import PROMPT_TEMPLATE
 from files import read_jsonl, write_atomically
-from glue import ANSWERS, CATEGORIES, LABELS, MNLI_PARTS, TASKS, load_task
+from glue import ANSWERS, CATEGORIES, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
 from model import generate
 from report import hidden_report, render_tables
@@ -138,9 +138,7 @@ def load_prompt_set(path):
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
-    if not (isinstance(data, dict) and data and all(isinstance(tasks, dict) and all(
-            isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v)
-            for v in tasks.values()) for tasks in data.values())):
+    if not (isinstance(data, dict) and data and all(map(is_instruction_table, data.values()))):
         raise ValueError(f"{path}: expected {{group: {{task: [instruction, ...]}}}}, perturb.py's format")
     return data
 

@@ -8,6 +8,7 @@ tasks it scores, and prepare_data.py how FLAN renders a GLUE row. Read it beside
     CONTENT       task -> how CoIN's PromptBench lays out an example's fields after the instruction
     CATEGORIES    CoIN Table 1's grouping of the tasks
     FLAN_LAYOUTS  FLAN dataset -> how FLAN's templates name a HF glue row's fields and answers
+    is_instruction_table  the shape of one group of a prompt file, {task: [instruction, ...]}
     load_task     a task's validation examples from <task>.jsonl files, the GLUE download script's TSV files,
                   or the HF `datasets` package when it is installed
 
@@ -94,6 +95,15 @@ def flan_row(dataset, row, where):
                          "(-1 marks an unlabelled test split; use the train split)")
     return {**{flan: row[glue] for glue, flan in renames.items()}, "options": list(options),
             answer_field: options[int(index)]}
+
+
+def is_instruction_table(tasks):
+    """True for {task: [instruction, ...]} with string keys and non-empty lists of non-empty strings: one
+    group of a prompt file (evaluate.py reads them, perturb.py writes them)."""
+    return isinstance(tasks, dict) and all(
+        isinstance(task, str) and isinstance(instructions, list) and instructions
+        and all(isinstance(s, str) and s.strip() for s in instructions)
+        for task, instructions in tasks.items())
 
 
 def label_id(task, value, where):

@@ -29,7 +29,7 @@ from pathlib import Path
 from statistics import mean
 
 from files import read_python_literal, write_atomically
-from glue import LABELS, TASKS
+from glue import LABELS, TASKS, is_instruction_table
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -321,9 +321,7 @@ def load_promptbench(path):
         raise ValueError(f"{shape}; it is {data!r:.40}")
     prompt_set, dropped = {}, []
     for group, tasks in data.items():
-        if not (isinstance(group, str) and isinstance(tasks, dict) and all(
-                isinstance(task, str) and isinstance(v, list) and v
-                and all(isinstance(s, str) and s.strip() for s in v) for task, v in tasks.items())):
+        if not (isinstance(group, str) and is_instruction_table(tasks)):
             raise ValueError(f"{shape}; group {group!r} is not")
         prompt_set[group] = {task: instructions for task, instructions in tasks.items() if task in TASKS}
         dropped += [task for task in tasks if task not in TASKS and task not in dropped]
