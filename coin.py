@@ -18,11 +18,8 @@ Runs:
     python coin.py --data examples/flan_coin_demo.jsonl --tiny --out out/ --epochs 5 --lr 1e-3   # CPU demo
     python coin.py --data flan_coin.jsonl --base llama-7b-hf --adapter alpaca-lora-7b --out out/  # the paper
 
-Memory of the paper's run on one 24 GB GPU (`python memory.py --rows 32` prints it; micro-batch 16 examples =
-32 rows of 256 tokens, bf16 weights, gradient checkpointing): weights 12.55 GiB (6.74B x 2 bytes); LoRA r=16
-on q,k,v,o: 16.8M fp32 parameters + gradients + AdamW moments = 0.25 GiB; activations 3.5 GiB (each layer
-keeps only its input, one layer is recomputed at a time); logits only for answer tokens, < 0.1 GiB. About
-16.4 GiB in all.
+Memory of the paper's run on one 24 GB GPU, micro-batch 16 examples = 32 rows of 256 tokens, bf16 weights,
+gradient checkpointing: about 16.4 GiB, 12.55 of them the weights (`python memory.py --rows 32` itemizes it).
 
 Shape legend: B examples per micro-batch (2B rows), T tokens, D model dim, V vocab, K micro-batches per step.
 
@@ -32,7 +29,6 @@ import itertools
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -41,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import StopOnCtrlC, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
-from config import merge_saved, opt, parse_flags, resolve_precision
-from data import IGNORE_INDEX, ContrastiveDataset, collate, load_examples, micro_batches
+from config import autocast, merge_saved, opt, parse_flags, resolve_precision
+from data import IGNORE_INDEX, ContrastiveDataset, collate, epoch_steps, load_examples
 from files import write_atomically
 from hf_io import load_adapter, load_model, load_tokenizer, save_adapter
 from memory import training_summary
@@ -76,6 +72,8 @@ class TrainConfig:
                                    "middle cuts the prompt's middle", choices=("right", "middle"))
     eos: bool = opt(False, "append eos to every answer (CoIN: off)")
     shuffle: bool = opt(True, "reshuffle the groups every epoch; --no-shuffle keeps CoIN's file order")
+    group_by_length: bool = opt(True, "steps and micro-batches of similar-length groups, rows in two length "
+                                      "buckets: less padding, the same objective (with --shuffle)")
     holdout: int = opt(0, "leave the last N examples of --data out of training (CoIN: 2000, its val split)")
     skip_bad: bool = opt(False, "drop bad lines of --data instead of refusing the file")
     # LoRA (alpaca-lora's adapter: r 16, alpha 16, dropout 0.05 on q, k, v, o); --adapter's config wins
@@ -100,7 +98,7 @@ class TrainConfig:
     overwrite: bool = opt(False, "delete the run in --out and start again")
 
 
-PROGRESS_KEYS = ("loss", "gen", "ctr", "weight", "lr", "tokens_per_s")  # shown on the progress bar
+PROGRESS_KEYS = ("loss", "gen", "ctr", "weight", "lr", "real_tokens_per_s")  # shown on the progress bar
 RESUMABLE = {"max_steps", "epochs", "save_every", "device", "resume", "overwrite"}  # may change on --resume
 PATHS = ("data", "base", "adapter", "out")  # saved as absolute paths, so a run resumes from any directory
 
@@ -170,6 +168,22 @@ def generation_loss(model, hidden, labels, group_index):
     return per_view[:G] + per_view[G:]
 
 
+def bucketed_hidden_states(model, batch):
+    """(2B, T, D) final hidden states, one forward per length bucket (data.collate): a bucket's rows are cut
+    to its longest row, so a short row beside long ones costs little padding. Rows are right-padded, so
+    causal attention alone is exact; positions past a bucket's width stay 0 (no loss reads them)."""
+    input_ids, bucket, hidden = batch["input_ids"], batch["bucket"], None
+    lengths = batch["attention_mask"].sum(1)  # (2B,)
+    for b in range(int(bucket.max()) + 1):
+        rows = (bucket == b).nonzero()[:, 0]  # (R,)
+        width = int(lengths[rows].max())
+        part = model.hidden_states(input_ids[rows, :width])  # (R, width, D)
+        if hidden is None:
+            hidden = part.new_zeros(*input_ids.shape, part.shape[-1])
+        hidden[rows, :width] = part
+    return hidden
+
+
 def micro_batch_loss(model, batch, step_groups, temperature, lam, contrastive=True, within_groups=True):
     """One forward over the 2B rows of `batch`; returns (the loss to backpropagate, metric sums).
 
@@ -179,7 +193,7 @@ def micro_batch_loss(model, batch, step_groups, temperature, lam, contrastive=Tr
     """
     group_index = batch["group_index"]
     B = len(group_index)
-    hidden = model.hidden_states(batch["input_ids"])  # (2B, T, D): right-padded, so causal attention is exact
+    hidden = bucketed_hidden_states(model, batch)  # (2B, T, D)
     gen = generation_loss(model, hidden, batch["labels"], group_index)  # (G,)
     ctr = weight = torch.zeros_like(gen)
     total = gen
@@ -228,29 +242,14 @@ def build_model(cfg, device, dtype):
     return model.train(), tokenizer, lora
 
 
-def epoch_steps(groups, cfg, epoch):
-    """The micro-batches (lists of dataset indices) of each optimizer step of one epoch: windows of
-    k = batch_size // micro_batch_size micro-batches, the groups reshuffled per epoch (data.micro_batches),
-    deterministically, so a resumed run just skips the steps it has done."""
-    k = cfg.batch_size // cfg.micro_batch_size
-    batches = micro_batches(groups, cfg.micro_batch_size, cfg.seed, epoch, cfg.shuffle)
-    windows = [batches[start:start + k] for start in range(0, len(batches), k)]
-    if len(windows) > 1 and sum(map(len, windows[-1])) < cfg.batch_size:
-        windows.pop()  # as HF's Trainer (the official run): an epoch's last partial step is not taken
-    return windows
+def steps_of_epoch(dataset, cfg, epoch):
+    """The micro-batches (lists of dataset indices) of each optimizer step of one epoch (data.epoch_steps)."""
+    return epoch_steps(dataset.groups, cfg.batch_size, cfg.micro_batch_size, cfg.seed, epoch, cfg.shuffle,
+                       dataset.lengths if cfg.group_by_length else None)
 
 
-def training_steps(groups, cfg):
-    for epoch in itertools.count():
-        yield from epoch_steps(groups, cfg, epoch)
-
-
-def count_steps(groups, cfg):
-    return cfg.max_steps or sum(len(epoch_steps(groups, cfg, epoch)) for epoch in range(cfg.epochs))
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.split(":")[0], dtype) if dtype != torch.float32 else nullcontext()
+def count_steps(dataset, cfg):
+    return cfg.max_steps or sum(len(steps_of_epoch(dataset, cfg, epoch)) for epoch in range(cfg.epochs))
 
 
 # -----------------------------------------------------------------------------
@@ -351,11 +350,12 @@ def train_step(run, batches, lr):
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     negatives, hard = negatives_per_anchor(batches, cfg.negatives == "group")
-    tokens, seconds = sum(int(b["attention_mask"].sum()) for b in batches), time.perf_counter() - started
+    real, seconds = sum(int(b["attention_mask"].sum()) for b in batches), time.perf_counter() - started
     return dict(**record, lr=lr, grad_norm=grad_norm.item(), examples=sum(len(b["ids"]) for b in batches),
                 groups=step_groups, negatives_per_anchor=negatives, hard_negatives_per_anchor=hard,
                 supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                tokens_per_s=round(tokens / seconds),
+                real_tokens=real, padded_tokens=sum(b["computed_tokens"] for b in batches) - real,
+                real_tokens_per_s=round(real / seconds),
                 skipped=int(run.scaler.is_enabled() and run.scaler.get_scale() < scale))
 
 
@@ -365,19 +365,20 @@ def train(cfg):
     cfg, out, model = run.cfg, Path(run.cfg.out), run.model
     state = restore_checkpoint(checkpoint, model, run.optimizer, run.scaler) if checkpoint else {}
     step, skipped = state.get("step", 0), state.get("skipped", 0)
-    total_steps = count_steps(run.dataset.groups, cfg)
+    total_steps = count_steps(run.dataset, cfg)
     warmup_steps = int(len(run.dataset) / cfg.batch_size * cfg.warmup_ratio)  # the official count
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "config.json", json.dumps(asdict(cfg), indent=2))
     print(training_summary(model, 2 * cfg.micro_batch_size, cfg.cutoff, cfg.grad_checkpointing,
                            cfg.lora_targets.split(","), cfg.lora_r))
-    windows = training_steps(run.dataset.groups, cfg)
+    windows = (step for epoch in itertools.count() for step in steps_of_epoch(run.dataset, cfg, epoch))
     bar = tqdm(itertools.islice(windows, step, total_steps), total=total_steps, initial=step, desc="coin",
                dynamic_ncols=True)
     metrics, stop, started = open_metrics(out, step), StopOnCtrlC(), time.perf_counter()
     try:
         for window in bar:
-            batches = [collate([run.dataset[i] for i in indices], run.pad_id) for indices in window]
+            batches = [collate([run.dataset[i] for i in indices], run.pad_id, cfg.group_by_length)
+                       for indices in window]
             try:
                 record = train_step(run, batches, learning_rate(step, total_steps, cfg.lr, warmup_steps))
             except FloatingPointError as e:

@@ -17,6 +17,7 @@ the rest.
 import argparse
 import json
 import types
+from contextlib import nullcontext
 from dataclasses import field, fields
 from pathlib import Path
 
@@ -91,3 +92,8 @@ def resolve_precision(device, dtype):
         print("this GPU has no bf16: using fp16 instead")
         dtype = torch.float16
     return device, dtype
+
+
+def autocast(device, dtype):
+    """Mixed precision for `dtype` on `device`: autocast to bf16 or fp16, nothing for fp32."""
+    return torch.autocast(device.split(":")[0], dtype) if dtype != torch.float32 else nullcontext()

@@ -30,7 +30,8 @@ labels), which rows are positives (the two views of one line), and which rows ar
   task words at the start or the end, the options and "### Response:" at the end. An example with no answer
   token left in a view is dropped and counted (CoIN would keep it, supervising nothing).
 
-3. `micro_batches` shuffles whole groups per (seed, epoch) and packs them; `collate` stacks the two views:
+3. `epoch_steps` shuffles whole groups per (seed, epoch) into steps and micro-batches of similar lengths;
+  `collate` stacks the two views and cuts the rows into two length buckets, each run as its own forward:
 
        rows [0:B]   originals     a1  n1  a2  n2      B = 4: groups {a1, n1} and {a2, n2}
        rows [B:2B]  paraphrases   a1' n1' a2' n2'     row i and row B+i: the two views of one example
@@ -58,6 +59,7 @@ IGNORE_INDEX = -100
 PROMPT_TEMPLATE = "{instruction}\n\n### Response:\n"  # CoIN's generate_flan_input (utils/common_utils.py)
 CUTOFF = 256  # max tokens per row, BOS and EOS included: alpaca-lora's cutoff_len default (finetune.py)
 MAX_REPORTED = 20  # bad lines listed in an error report
+VIEWS = ("original", "paraphrase")  # the two instructions of an example
 
 
 @dataclass(frozen=True)
@@ -154,24 +156,21 @@ def tokenize_view(tokenizer, prompt, target, cutoff=CUTOFF, eos=False, truncatio
 def tokenize_example(example, tokenizer, cutoff=CUTOFF, eos=False, truncation="right"):
     """{"id", "group", "original": (input_ids, labels, pool_index), "paraphrase": (...)}, or None when a view
     has no answer token left. ids and labels are int32 tensors: 4 bytes a token, where a list costs ~36."""
-    views = []
-    for text in (example.original, example.paraphrase):
-        view = tokenize_view(tokenizer, PROMPT_TEMPLATE.format(instruction=text), example.target, cutoff, eos,
-                             truncation)
-        if view is None:
+    item = {"id": example.id, "group": example.group}
+    for view in VIEWS:
+        prompt = PROMPT_TEMPLATE.format(instruction=getattr(example, view))
+        tokenized = tokenize_view(tokenizer, prompt, example.target, cutoff, eos, truncation)
+        if tokenized is None:
             return None
-        ids, labels, pool_index = view
-        views.append((torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32),
-                      pool_index))
-    return {"id": example.id, "group": example.group, "original": views[0], "paraphrase": views[1]}
+        ids, labels, pool_index = tokenized
+        item[view] = torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32), pool_index
+    return item
 
 
 class ContrastiveDataset:
-    """Tokenized examples, regrouped: items of a group are contiguous, and groups[g] lists their indices.
-
-    dropped counts examples with no answer token within the cutoff; orphans counts examples dropped because
-    their group was left with one member (it could not be contrasted).
-    """
+    """Tokenized examples, regrouped: items of a group are contiguous, groups[g] lists their indices and
+    lengths[g] holds its longest row. dropped counts examples with no answer token within the cutoff; orphans
+    counts examples dropped because their group was left with one member (it could not be contrasted)."""
 
     def __init__(self, examples, tokenizer, cutoff=CUTOFF, eos=False, truncation="right"):
         by_group, self.dropped = {}, 0
@@ -181,10 +180,11 @@ class ContrastiveDataset:
             if item is not None:
                 by_group.setdefault(example.group, []).append(item)
         self.orphans = sum(len(members) for members in by_group.values() if len(members) < 2)
-        self.items, self.groups = [], []
+        self.items, self.groups, self.lengths = [], [], []
         for members in by_group.values():
             if len(members) >= 2:
                 self.groups.append(list(range(len(self.items), len(self.items) + len(members))))
+                self.lengths.append(max(len(m[view][0]) for m in members for view in VIEWS))
                 self.items += members
 
     def __len__(self):
@@ -194,43 +194,79 @@ class ContrastiveDataset:
         return self.items[index]
 
 # -----------------------------------------------------------------------------
-# 3. Batching: whole groups per micro-batch, originals then paraphrases
+# 3. Batching: whole groups per step and per micro-batch, similar lengths together
+
+MEGA_STEPS = 50  # steps sorted by length together (HF's group_by_length sorts 50 batches at a time)
 
 
-def micro_batches(groups, micro_batch_size, seed, epoch, shuffle=True):
-    """Dataset indices per micro-batch for one epoch: the groups shuffled with a Random seeded by
-    (seed, epoch), or in file order as CoIN reads them (shuffle False), then packed greedily in that order.
-    A group is never split: when the next group does not fit, the current micro-batch closes short and a new
-    one starts, so micro-batches hold 2..micro_batch_size examples. Pure and deterministic, so a resumed run
-    recomputes the same list and skips to micro-batch k."""
-    largest = max(map(len, groups), default=0)
-    if largest > micro_batch_size:
-        raise ValueError(f"a group has {largest} examples but the micro-batch size is {micro_batch_size}; "
-                         f"raise --micro-batch-size to at least {largest} "
-                         "so every group fits in one micro-batch")
-    order = list(range(len(groups)))
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)  # str seed: sha512, never Python's salted hash()
-    batches, current = [], []
+def pack(order, sizes, capacity):
+    """Group numbers, in `order` -> lists of them holding at most `capacity` examples, filled greedily: when
+    the next group does not fit, the current list closes short."""
+    packed = []
     for g in order:
-        if len(current) + len(groups[g]) > micro_batch_size:
-            batches.append(current)
-            current = []
-        current = current + list(groups[g])
-    return batches + [current] if current else batches
+        if not packed or sum(sizes[h] for h in packed[-1]) + sizes[g] > capacity:
+            packed.append([])
+        packed[-1].append(g)
+    return packed
 
 
-def collate(items, pad_id):
+def epoch_steps(groups, batch_size, micro_batch_size, seed, epoch, shuffle=True, lengths=None):
+    """Dataset indices of each micro-batch of each optimizer step of one epoch: [[[i, ...], ...], ...].
+
+    Groups, shuffled by (seed, epoch) or in file order as CoIN reads them, are packed whole into steps of at
+    most batch_size examples, then micro_batch_size. A last step short of batch_size is not taken (HF's
+    Trainer). With `lengths` (each group's longest row) and shuffle, every MEGA_STEPS steps' worth of groups
+    is sorted by length before packing, each step too; the steps are shuffled, the longest first (an
+    out-of-memory shows at step 1). A step's groups, hence its loss, never depend on micro_batch_size.
+    Deterministic: a resumed run recomputes the list and skips the steps it has done."""
+    sizes = [len(group) for group in groups]
+    if max(sizes, default=0) > micro_batch_size:
+        raise ValueError(f"a group has {max(sizes)} examples but the micro-batch size is {micro_batch_size}; "
+                         f"raise --micro-batch-size to at least {max(sizes)} "
+                         "so every group fits in one micro-batch")
+    rng, order = random.Random(f"{seed}:{epoch}"), list(range(len(groups)))  # str seed: never salted hash()
+    by_length = shuffle and lengths is not None
+    if shuffle:
+        rng.shuffle(order)
+    steps = pack(order, sizes, batch_size)
+    if len(steps) > 1 and sum(sizes[g] for g in steps[-1]) < batch_size:
+        steps.pop()  # the groups left out are the shuffled order's last, with or without lengths
+    if by_length:
+        span = MEGA_STEPS * batch_size // 2  # groups (of 2 examples or more) in MEGA_STEPS steps at most
+        kept = [g for step in steps for g in step]
+        steps = pack([g for start in range(0, len(kept), span)
+                      for g in sorted(kept[start:start + span], key=lengths.__getitem__)], sizes, batch_size)
+        rng.shuffle(steps)
+        longest = max(range(len(steps)), key=lambda s: max(lengths[g] for g in steps[s]))
+        steps = [sorted(step, key=lengths.__getitem__) for step in [steps.pop(longest)] + steps]
+    return [[[i for g in micro for i in groups[g]] for micro in pack(step, sizes, micro_batch_size)]
+            for step in steps]
+
+
+def length_buckets(lengths):
+    """(bucket of each row, token positions computed). The rows sorted by length are cut in two where the
+    two rectangles, rows x their longest row, cover the fewest positions; bucket 0 holds the shorter rows
+    (all of them when a cut saves nothing). coin.py runs each bucket as its own forward."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n, longest = len(order), lengths[order[-1]]
+    cost = {cut: cut * lengths[order[cut - 1]] + (n - cut) * longest for cut in range(1, n + 1)}
+    cut = min(cost, key=lambda c: (cost[c], -c))  # on a tie, the later cut: fewer forwards
+    rank = {row: r for r, row in enumerate(order)}
+    return [int(rank[row] >= cut) for row in range(n)], cost[cut]
+
+
+def collate(items, pad_id, by_length=True):
     """Dataset items -> one batch of 2B right-padded rows: originals in [0:B], paraphrases in [B:2B].
 
     input_ids, attention_mask, labels: (2B, T) long; last_index: (2B,) long, each row's last answer token;
-    group_index: (B,) long, groups numbered 0..G-1 in order of appearance; ids: the B example ids.
-    """
-    rows = [item["original"] for item in items] + [item["paraphrase"] for item in items]
-    width = max(len(input_ids) for input_ids, _, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (2B, T)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (2B, T): pads unsupervised
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (2B, T)
+    group_index: (B,) long, groups numbered 0..G-1 in order of appearance; ids: the B example ids; bucket:
+    (2B,) long, each row's length bucket (all 0 unless by_length); computed_tokens: positions computed."""
+    rows = [item[view] for view in VIEWS for item in items]
+    lengths = [len(input_ids) for input_ids, _, _ in rows]
+    bucket, computed = length_buckets(lengths) if by_length else ([0] * len(rows), len(rows) * max(lengths))
+    input_ids = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)  # (2B, T)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)  # (2B, T): pads unsupervised
+    attention_mask = torch.zeros_like(input_ids)  # (2B, T)
     for r, (ids, row_labels, _) in enumerate(rows):
         input_ids[r, :len(ids)] = torch.as_tensor(ids)
         labels[r, :len(ids)] = torch.as_tensor(row_labels)
@@ -239,4 +275,5 @@ def collate(items, pad_id):
     group_index = [number.setdefault(item["group"], len(number)) for item in items]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "last_index": torch.tensor([pool_index for _, _, pool_index in rows]),
-            "group_index": torch.tensor(group_index), "ids": [item["id"] for item in items]}
+            "group_index": torch.tensor(group_index), "bucket": torch.tensor(bucket),
+            "computed_tokens": computed, "ids": [item["id"] for item in items]}

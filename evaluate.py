@@ -172,18 +172,24 @@ def parse_answer(task, decoded, input_text, answer):
     return next((LABELS[task][label] for word, label in ANSWERS[task] if text.startswith(word)), None)
 
 
-def generate_batched(model, prompts, batch_size, max_new_tokens, eos_id, pad_id, on_batch=None):
-    """Greedy new ids of each prompt (ids), in input order; prompts of similar length share a batch."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOMs show at once
+def in_length_order(prompts, batch_size, run_batch, on_batch=None):
+    """run_batch(prompts) -> one result per prompt, over batches of prompts of similar length (longest first:
+    an out-of-memory shows at once), so padding costs little; the results come back in input order."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = [prompts[i] for i in rows]
-        for i, new in zip(rows, generate(model, batch, max_new_tokens, eos_id, pad_id)):
-            out[i] = new
+        for i, result in zip(rows, run_batch([prompts[i] for i in rows])):
+            out[i] = result
         if on_batch:
             on_batch(len(rows))
     return out
+
+
+def generate_batched(model, prompts, batch_size, max_new_tokens, eos_id, pad_id, on_batch=None):
+    """Greedy new ids of each prompt (ids), in input order; prompts of similar length share a batch."""
+    return in_length_order(prompts, batch_size, lambda batch: generate(model, batch, max_new_tokens, eos_id,
+                                                                          pad_id), on_batch)
 
 
 @torch.no_grad()
@@ -218,14 +224,10 @@ def predict(model, tokenizer, texts, task, cfg, on_batch=None):
                 for prompt, ids, text, raw in zip(prompts, new, texts, raws)]
     # Each label is tokenized on its own: "positive" -> "▁positive", the piece that follows "Response:" and
     # a space. (Training puts the answer after "Response:\n", where it starts without "▁": data.py.)
-    label_ids, out = [tokenizer.encode(label, bos=False) for label in labels], []
-    for start in range(0, len(prompts), cfg.batch_size):
-        batch = prompts[start:start + cfg.batch_size]
-        out += [(dict(zip(labels, s.tolist())), labels[int(s.argmax())])
-                for s in rank_scores(model, batch, label_ids, tokenizer.pad_id)]  # s: (K,)
-        if on_batch:
-            on_batch(len(batch))
-    return out
+    label_ids = [tokenizer.encode(label, bos=False) for label in labels]
+    scores = in_length_order(prompts, cfg.batch_size, lambda batch: rank_scores(model, batch, label_ids,
+                                                                                 tokenizer.pad_id), on_batch)
+    return [(dict(zip(labels, s.tolist())), labels[int(s.argmax())]) for s in scores]  # s: (K,)
 
 
 # -----------------------------------------------------------------------------

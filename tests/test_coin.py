@@ -3,6 +3,7 @@ import json
 import math
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import coin
 from data import ContrastiveDataset, collate, load_examples
+from official_coin import official_step
 from checkpoints import restore_checkpoint, save_checkpoint
 from hf_io import load_adapter, load_model, load_tokenizer, read_adapter_tensors, save_adapter
 from model import Llama, ModelArgs, apply_lora, lora_state_dict
@@ -166,8 +168,10 @@ def step_loss_and_gradients(model, micro_batches, negatives="group"):
 @pytest.mark.parametrize("size", [2, 4])
 def test_the_objective_does_not_depend_on_the_micro_batch_size(stories, size):
     model, tokenizer, items = stories
-    whole_loss, whole_grads = step_loss_and_gradients(model, [collate(items, tokenizer.pad_id)])
-    split = [collate(items[i:i + size], tokenizer.pad_id) for i in range(0, 16, size)]
+    whole = collate(items, tokenizer.pad_id, by_length=False)  # one padded rectangle
+    whole_loss, whole_grads = step_loss_and_gradients(model, [whole])
+    split = [collate(items[i:i + size], tokenizer.pad_id) for i in range(0, 16, size)]  # two buckets each
+    assert all(batch["bucket"].max() == 1 for batch in split)
     split_loss, split_grads = step_loss_and_gradients(model, split)
     assert math.isclose(whole_loss, split_loss, rel_tol=1e-5)
     assert all(whole_grads[n].abs().sum() > 0 for n in whole_grads)
@@ -176,35 +180,6 @@ def test_the_objective_does_not_depend_on_the_micro_batch_size(stories, size):
     batch_loss, _ = step_loss_and_gradients(model, split, negatives="batch")  # SimCSE-style: it does depend
     if size > 2:
         assert not math.isclose(whole_loss, batch_loss, rel_tol=1e-3)
-
-
-def official_step(peft_model, items, pad_id, temperature=0.05, lam=1000.0):
-    """ContrastiveLlama.forward (luka-group/CoIN) re-expressed: micro-batches of one group (2 examples), each
-    view left-padded and run in its own forward with full logits, pooled at the last position; the HF
-    Trainer sums loss / accumulation steps over the step's micro-batches."""
-    losses = []
-    for group in (items[i:i + 2] for i in range(0, len(items), 2)):
-        views = []
-        for view in ("original", "paraphrase"):
-            rows = [item[view] for item in group]
-            width = max(len(ids) for ids, _, _ in rows)
-            ids = torch.tensor([[pad_id] * (width - len(i)) + i.tolist() for i, _, _ in rows])
-            labels = torch.tensor([[-100] * (width - len(i)) + lab.tolist() for i, lab, _ in rows])
-            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _, _ in rows])
-            hidden = peft_model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = peft_model.base_model.model.lm_head(hidden)
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())  # CrossEntropyLoss()
-            views.append((ce, hidden[:, -1]))  # pooling_method "last"
-        (ce_o, h_o), (ce_p, h_p) = views
-        sim = F.cosine_similarity(h_o.unsqueeze(1), h_p.unsqueeze(0), dim=2) / temperature
-        target = torch.arange(len(group))
-        ctr = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
-        gen = ce_o + ce_p
-        ctr = ctr * lam  # contrastive_loss * contrastive_loss_ratio, then scale_contrastive_loss
-        if ctr != 0 and ctr > gen:
-            ctr = ctr * min(lam, gen.detach() / ctr.detach())
-        losses.append((ctr + gen) / (len(items) // 2))
-    return sum(losses)
 
 
 def test_the_objective_equals_the_official_contrastive_llama(stories, tmp_path, stories_dir):
@@ -260,6 +235,8 @@ def test_micro_batch_2_and_16_log_the_same_first_step(tmp_path, stories_dir):
                          "--max-steps", "1", out=f"micro{size}"))[0] for size in ("2", "16")]
     for key in ("loss", "gen", "ctr", "weight"):
         assert math.isclose(first[0][key], first[1][key], rel_tol=1e-5), key
+    assert first[0]["real_tokens"] == first[1]["real_tokens"] > 0  # the same step, whatever the micro-batch
+    assert all(0 <= record["padded_tokens"] < record["real_tokens"] for record in first)
 
 
 def test_the_adapter_loads_in_peft_with_equal_logits(tmp_path, stories_dir):
@@ -451,8 +428,10 @@ def test_holdout_leaves_the_files_last_examples_out(tmp_path, stories_dir):
 def test_steps_per_epoch_are_hf_trainers_at_the_official_micro_batch(groups, micro_batch_size, steps):
     """HF's Trainer at micro-batch 2 (one group) and 32 accumulation steps takes floor(groups / 32) steps an
     epoch (one if the epoch is shorter than a step): so must we, at any micro-batch size."""
-    cfg = coin.TrainConfig(batch_size=64, micro_batch_size=micro_batch_size)
-    pairs = [[2 * g, 2 * g + 1] for g in range(groups)]
-    windows = coin.epoch_steps(pairs, cfg, epoch=0)
-    assert len(windows) == steps == coin.count_steps(pairs, cfg)
-    assert all(sum(map(len, window)) == 64 for window in windows) or steps == 1
+    pairs = SimpleNamespace(groups=[[2 * g, 2 * g + 1] for g in range(groups)], lengths=list(range(groups)))
+    for group_by_length in (True, False):
+        cfg = coin.TrainConfig(batch_size=64, micro_batch_size=micro_batch_size,
+                               group_by_length=group_by_length)
+        windows = coin.steps_of_epoch(pairs, cfg, epoch=0)
+        assert len(windows) == steps == coin.count_steps(pairs, cfg)
+        assert all(sum(map(len, window)) == 64 for window in windows) or steps == 1

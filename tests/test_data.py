@@ -3,6 +3,7 @@
 The tokenizer tests use the real LLaMA tokenizer from ../shared.
 """
 import json
+import random
 import re
 from pathlib import Path
 
@@ -187,36 +188,83 @@ def test_training_ids_equal_hfs_sentencepiece_llama_tokenizer_on_every_demo_line
 # Batching
 
 GROUPS = [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9], [10, 11], [12, 13]]
+LENGTHS = [40, 12, 90, 7, 33, 90]  # each group's longest row
 
 
-def test_micro_batches_are_deterministic_per_seed_and_epoch():
-    assert data.micro_batches(GROUPS, 4, seed=0, epoch=0) == data.micro_batches(GROUPS, 4, seed=0, epoch=0)
-    epochs = {str(data.micro_batches(GROUPS, 4, seed=0, epoch=e)) for e in range(5)}
-    seeds = {str(data.micro_batches(GROUPS, 4, seed=s, epoch=0)) for s in range(5)}
-    assert len(epochs) > 1 and len(seeds) > 1
+def steps(batch_size, micro_batch_size, seed=0, epoch=0, lengths=None, groups=GROUPS):
+    return data.epoch_steps(groups, batch_size, micro_batch_size, seed, epoch, lengths=lengths)
 
 
-@pytest.mark.parametrize("size", [3, 4, 5, 8])
-def test_micro_batches_keep_groups_whole_and_cover_every_example_once(size):
+PAIRS = [[2 * g, 2 * g + 1] for g in range(2000)]
+PAIR_LENGTHS = [random.Random(g).randrange(20, 250) for g in range(2000)]
+
+
+@pytest.mark.parametrize("lengths", [None, PAIR_LENGTHS[:40]])
+def test_steps_are_deterministic_per_seed_and_epoch(lengths):
+    def run(seed, epoch):
+        return steps(8, 4, seed, epoch, lengths, PAIRS[:40])
+    assert run(0, 0) == run(0, 0)
+    assert len({str(run(0, e)) for e in range(8)}) > 1 and len({str(run(s, 0)) for s in range(8)}) > 1
+
+
+@pytest.mark.parametrize("lengths", [None, LENGTHS])
+@pytest.mark.parametrize("batch_size, size", [(3, 3), (4, 4), (5, 5), (8, 4), (16, 8)])
+def test_steps_keep_groups_whole_and_visit_every_group_once(lengths, batch_size, size):
+    sizes = {i: len(group) for group in GROUPS for i in group}
     for epoch in range(4):
-        batches = data.micro_batches(GROUPS, size, seed=1, epoch=epoch)
-        assert sorted(i for batch in batches for i in batch) == list(range(14))
-        assert all(2 <= len(batch) <= size for batch in batches)
-        for group in GROUPS:
-            assert any(set(group) <= set(batch) for batch in batches)
-        # greedy packing: a batch closes early only when the next group would not fit
-        sizes = {i: len(group) for group in GROUPS for i in group}
-        assert all(len(batch) + sizes[after[0]] > size for batch, after in zip(batches, batches[1:]))
+        micro = [batch for step in steps(batch_size, size, 1, epoch, lengths) for batch in step]
+        seen = [i for batch in micro for i in batch]
+        assert len(seen) == len(set(seen)) and all(2 <= len(batch) <= size for batch in micro)
+        for group in GROUPS:  # each group in one micro-batch, or left out with the epoch's short last step
+            assert any(set(group) <= set(batch) for batch in micro) or not set(group) & set(seen)
+        assert len(seen) >= 14 - batch_size + 1
+        assert all(sum(map(len, step)) <= batch_size for step in steps(batch_size, size, 1, epoch, lengths))
+        if lengths is None:  # greedy packing: a micro-batch closes early only when the next group won't fit
+            assert all(len(batch) + sizes[after[0]] > size for batch, after in zip(micro, micro[1:]))
+
+
+@pytest.mark.parametrize("lengths", [None, PAIR_LENGTHS[:301]])
+def test_a_step_holds_the_same_groups_at_every_micro_batch_size(lengths):
+    def step_sets(size):
+        return [sorted(i for batch in step for i in batch)
+                for step in steps(64, size, 3, 1, lengths, PAIRS[:301])]
+    assert step_sets(2) == step_sets(16) == step_sets(64)
+
+
+def test_grouping_by_length_leaves_out_the_same_random_groups_and_puts_the_longest_step_first():
+    def seen(lengths):
+        return {i for step in steps(64, 16, 5, 0, lengths, PAIRS[:301]) for batch in step for i in batch}
+    assert seen(None) == seen(PAIR_LENGTHS[:301]) and len(seen(None)) == 9 * 64  # 602 examples
+    first = steps(64, 16, 0, 0, PAIR_LENGTHS, PAIRS)[0]
+    assert max(PAIR_LENGTHS[i // 2] for batch in first for i in batch) == max(PAIR_LENGTHS)
+
+
+def test_grouping_by_length_leaves_little_padding():
+    def padding(lengths):  # the share of rows x each micro-batch's longest group that is padding
+        micro = [batch for step in steps(64, 16, 0, 0, lengths, PAIRS) for batch in step]
+        longest = [[PAIR_LENGTHS[i // 2] for i in batch] for batch in micro]
+        return 1 - sum(map(sum, longest)) / sum(len(b) * max(b) for b in longest)
+    assert padding(PAIR_LENGTHS) < 0.05 < 0.3 < padding(None)
 
 
 def test_a_group_larger_than_the_micro_batch_is_an_error():
     with pytest.raises(ValueError, match="raise --micro-batch-size to at least 3"):
-        data.micro_batches(GROUPS, 2, seed=0, epoch=0)
+        steps(4, 2)
+
+
+@pytest.mark.parametrize("lengths, bucket, computed", [
+    ([5, 5, 5, 5], [0, 0, 0, 0], 20),           # equal rows: one bucket
+    ([10, 3, 2, 10], [1, 0, 0, 1], 2 * 3 + 2 * 10),
+    ([9, 1, 8, 7, 100], [0, 0, 0, 0, 1], 4 * 9 + 100),
+    ([4, 6], [0, 1], 10),
+])
+def test_length_buckets_cut_where_the_fewest_positions_are_computed(lengths, bucket, computed):
+    assert data.length_buckets(lengths) == (bucket, computed)
 
 
 def test_collate_stacks_originals_then_paraphrases_right_padded(tok):
     dataset = data.ContrastiveDataset(data.load_examples(DEMO)[0], tok)
-    indices = data.micro_batches(dataset.groups, 6, seed=0, epoch=0)[0]
+    indices = steps(6, 6, groups=dataset.groups)[0][0]
     items = [dataset[i] for i in indices]
     batch = data.collate(items, tok.pad_id)
     B = len(items)
@@ -234,14 +282,18 @@ def test_collate_stacks_originals_then_paraphrases_right_padded(tok):
             assert batch["last_index"][row] == pool_index == n - 1
     groups = [item["group"] for item in items]
     assert batch["group_index"].tolist() == [sorted(set(groups), key=groups.index).index(g) for g in groups]
-    assert all(t.dtype == torch.long for k, t in batch.items() if k != "ids")
+    assert all(t.dtype == torch.long for t in batch.values() if torch.is_tensor(t))
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert (batch["bucket"].tolist(), batch["computed_tokens"]) == data.length_buckets(lengths)
+    one = data.collate(items, tok.pad_id, by_length=False)
+    assert one["bucket"].tolist() == [0] * 2 * B and one["computed_tokens"] == one["input_ids"].numel()
 
 
 def test_groups_survive_shuffling_into_collated_batches(tok):
     dataset = data.ContrastiveDataset(data.load_examples(DEMO)[0], tok)
     group_of = {item["id"]: item["id"].rsplit("-", 1)[0] for item in dataset.items}
     seen = []
-    for indices in data.micro_batches(dataset.groups, 4, seed=7, epoch=2):
+    for indices in [batch for step in steps(8, 4, 7, 2, dataset.lengths, dataset.groups) for batch in step]:
         ids = data.collate([dataset[i] for i in indices], tok.pad_id)["ids"]
         groups = [group_of[i] for i in ids]
         assert all(groups.count(g) == 2 for g in groups)  # both members of every group are in this batch
