@@ -65,6 +65,8 @@ def restore_checkpoint(checkpoint, model, optimizer, scaler):
 def find_run(out, resume, overwrite):
     """The checkpoint to resume from (or None);
     refuses to touch a run in `out` unless --resume or --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory; give a directory for the run")
     checkpoints = sorted(out.glob("checkpoint-*"))
     finished = (out / "adapter_model.safetensors").exists()
     if (checkpoints or finished) and not (resume or overwrite):

@@ -17,9 +17,7 @@ objective per group g, batched, so the micro-batch size changes only speed and m
 Runs:
     python coin.py --data examples/flan_coin_demo.jsonl --tiny --out out/ --epochs 5 --lr 1e-3   # CPU demo
     python coin.py --data flan_coin.jsonl --base llama-7b-hf --adapter alpaca-lora-7b --out out/  # the paper
-
-Memory of the paper's run on one 24 GB GPU, micro-batch 16 examples = 32 rows of 256 tokens, bf16 weights,
-gradient checkpointing: about 16.4 GiB, 12.55 of them the weights (`python memory.py --rows 32` itemizes it).
+    python memory.py --rows 32    # the paper's run at micro-batch 16 needs ~16.4 GiB: it fits a 24 GB GPU
 
 Shape legend: B examples per micro-batch (2B rows), T tokens, D model dim, V vocab, K micro-batches per step.
 
@@ -37,13 +35,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import StopOnCtrlC, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
-from config import autocast, merge_saved, opt, parse_flags, resolve_precision
 from data import IGNORE_INDEX, ContrastiveDataset, collate, epoch_steps, load_examples
 from files import write_atomically
+from flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, comma_list_of, merge_saved, opt
+from flags import parse_flags, up_to
 from hf_io import load_adapter, load_model, load_tokenizer, save_adapter
 from memory import training_summary
-from model import apply_lora, merge_lora, pool_last_token
-from tiny_base import build_tiny_base
+from model import LINEARS, apply_lora, merge_lora, pool_last_token
+from precision import autocast, resolve_precision
+from tiny_base import build_tiny_base, install_tiny_base
 
 # -----------------------------------------------------------------------------
 # 1. Configuration: one dataclass, every default with its source
@@ -59,32 +59,34 @@ class TrainConfig:
     merge_adapter: bool = opt(False, "merge --adapter into the base and train a fresh LoRA on top instead")
     out: str = opt("out", "output directory: adapter, checkpoints, config.json, metrics.jsonl")
     # Optimisation (CoIN §4.1; alpaca-lora)
-    epochs: int = opt(1, "passes over the data (CoIN: 1)")
-    max_steps: int | None = opt(None, "optimizer steps; overrides --epochs")
-    batch_size: int = opt(64, "examples per optimizer step (CoIN: 64)")
+    epochs: int = opt(1, "passes over the data (CoIN: 1)", valid=up_to(1000, "longer: --max-steps"))
+    max_steps: int | None = opt(None, "optimizer steps; overrides --epochs", valid=COUNT)
+    batch_size: int = opt(64, "examples per optimizer step (CoIN: 64)", valid=COUNT)
     micro_batch_size: int = opt(16, "examples per forward (2x rows): speed and memory only; 16 fits 7B on "
-                                    "24 GB (python memory.py) (CoIN: 2, one group)")
-    lr: float = opt(1e-4, "AdamW peak learning rate (CoIN: 1e-4)")
+                                    "24 GB (python memory.py) (CoIN: 2, one group)", valid=COUNT)
+    lr: float = opt(1e-4, "AdamW peak learning rate (CoIN: 1e-4)", valid=POSITIVE)
     warmup_ratio: float = opt(0.1, "warmup steps = int(examples / batch size * ratio), then linear decay "
-                                   "to 0 (CoIN: 0.1)")
-    cutoff: int = opt(256, "max tokens per row (CoIN: 256)")
+                                   "to 0 (CoIN: 0.1)", valid=FRACTION)
+    cutoff: int = opt(256, "max tokens per row (CoIN: 256)", valid=COUNT)
     truncation: str = opt("right", "over the cutoff: right cuts the row's end as CoIN does, answer included; "
                                    "middle cuts the prompt's middle", choices=("right", "middle"))
     eos: bool = opt(False, "append eos to every answer (CoIN: off)")
     shuffle: bool = opt(True, "reshuffle the groups every epoch; --no-shuffle keeps CoIN's file order")
-    group_by_length: bool = opt(True, "steps and micro-batches of similar-length groups, rows in two length "
-                                      "buckets: less padding, the same objective (with --shuffle)")
-    holdout: int = opt(0, "leave the last N examples of --data out of training (CoIN: 2000, its val split)")
+    group_by_length: bool = opt(True, "steps and micro-batches of similar lengths: less padding")
+    holdout: int = opt(0, "leave the last N examples of --data out of training (CoIN: 2000, its val split)",
+                       valid=NON_NEGATIVE)
     skip_bad: bool = opt(False, "drop bad lines of --data instead of refusing the file")
     # LoRA (alpaca-lora's adapter: r 16, alpha 16, dropout 0.05 on q, k, v, o); --adapter's config wins
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(16, "LoRA alpha; scaling = alpha / r")
-    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj", "comma list of projections to adapt")
+    lora_r: int = opt(16, "LoRA rank", valid=up_to(4096, "LLaMA-7B's width"))
+    lora_alpha: int = opt(16, "LoRA alpha; scaling = alpha / r", valid=COUNT)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input", valid=PROBABILITY)
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj", "comma list of projections to adapt",
+                            valid=comma_list_of(LINEARS))
     # Contrastive loss (CoIN §3.2, §4.1)
     contrastive: bool = opt(True, "add L_ctr; --no-contrastive trains the continual-tuning baseline")
-    temperature: float = opt(0.05, "InfoNCE temperature (CoIN: 0.05)")
-    lam: float = opt(1000.0, "upper bound of the contrastive weight w = min(lam, L_gen / L_ctr) (CoIN: 1000)")
+    temperature: float = opt(0.05, "InfoNCE temperature (CoIN: 0.05)", valid=POSITIVE)
+    lam: float = opt(1000.0, "upper bound of the contrastive weight w = min(lam, L_gen / L_ctr) (CoIN: 1000)",
+                     valid=POSITIVE)
     negatives: str = opt("group", "group: each anchor's negatives are its group's (CoIN); batch: every other "
                                   "row of the micro-batch (SimCSE-style)", choices=("group", "batch"))
     # Machinery
@@ -92,8 +94,8 @@ class TrainConfig:
                                   "fp16 adds a GradScaler)", choices=("bf16", "fp16", "fp32"))
     device: str | None = opt(None, "cuda | cpu (default: cuda when there is a GPU)")
     grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of keeping activations")
-    save_every: int = opt(100, "checkpoint every N optimizer steps (and at the end)")
-    seed: int = opt(42, "seed of the LoRA init, dropout and data order (CoIN: 42)")
+    save_every: int = opt(100, "checkpoint every N optimizer steps (and at the end)", valid=COUNT)
+    seed: int = opt(42, "seed of the LoRA init, dropout and data order (CoIN: 42)", valid=SEED)
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = opt(False, "delete the run in --out and start again")
 
@@ -295,33 +297,36 @@ def set_up(cfg):
         raise ValueError(f"--holdout {cfg.holdout}: {cfg.data} has {len(examples)} examples; hold out fewer")
     examples = examples[:len(examples) - cfg.holdout]  # CoIN's validation split: the file's last rows
     checkpoint = find_run(out, cfg.resume, cfg.overwrite)
-    if cfg.tiny and not cfg.base:
-        cfg = replace(cfg, base=str(build_tiny_base(out / "base", examples, cfg.seed)))
+    scratch = cfg.tiny and not cfg.base  # the tiny base is built aside, and moved into --out after the checks
+    cfg = replace(cfg, base=str(build_tiny_base(examples, cfg.seed))) if scratch else cfg
     cfg = replace(cfg, **{key: str(Path(getattr(cfg, key)).resolve()) for key in PATHS if getattr(cfg, key)})
     model, tokenizer, lora = build_model(cfg, device, dtype)
     cfg = replace(cfg, **lora)  # recorded in config.json
-    if cfg.overwrite:
-        clear_run(out)
     dataset = ContrastiveDataset(examples, tokenizer, cfg.cutoff, cfg.eos, cfg.truncation)
     print(f"{len(dataset)} examples in {len(dataset.groups)} groups; dropped {dataset.dropped} with no "
           f"answer token within --cutoff {cfg.cutoff} and {dataset.orphans} left without a group partner")
     if not dataset.groups:
         raise ValueError(f"{cfg.data}: no group left to train on; raise --cutoff or use --truncation middle")
+    if cfg.overwrite:
+        clear_run(out)
+    if scratch:
+        cfg = replace(cfg, base=str(install_tiny_base(Path(cfg.base), out / "base")))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=0.0)  # HF Trainer's defaults, as in alpaca-lora
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return Run(cfg, model, dataset, tokenizer.pad_id, optimizer, scaler, device, dtype), checkpoint
 
 
-def negatives_per_anchor(batches, within_groups):
-    """(negatives, hard negatives) per anchor, averaged over a step's examples."""
-    negatives, hard, n = 0, 0, 0
-    for batch in batches:
-        group_index = batch["group_index"]
-        partners = torch.bincount(group_index)[group_index] - 1  # (B,): the other members of each one's group
-        hard, n = hard + int(partners.sum()), n + len(group_index)
-        negatives += int(partners.sum()) if within_groups else len(group_index) * (len(group_index) - 1)
-    return negatives / n, hard / n
+def step_counts(batches, step_groups, within_groups):
+    """What a step held: examples, groups, negatives per anchor, supervised, real and padding tokens."""
+    partners = torch.cat([torch.bincount(b["group_index"])[b["group_index"]] - 1 for b in batches])  # (N,)
+    sizes = [len(b["ids"]) for b in batches]
+    negatives = int(partners.sum()) if within_groups else sum(n * (n - 1) for n in sizes)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return dict(examples=len(partners), groups=step_groups, negatives_per_anchor=negatives / len(partners),
+                hard_negatives_per_anchor=partners.float().mean().item(),
+                supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+                real_tokens=real, padded_tokens=sum(b["computed_tokens"] for b in batches) - real)
 
 
 def train_step(run, batches, lr):
@@ -349,13 +354,9 @@ def train_step(run, batches, lr):
     run.scaler.step(run.optimizer)  # skipped by the scaler when fp16 gradients overflowed
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    negatives, hard = negatives_per_anchor(batches, cfg.negatives == "group")
-    real, seconds = sum(int(b["attention_mask"].sum()) for b in batches), time.perf_counter() - started
-    return dict(**record, lr=lr, grad_norm=grad_norm.item(), examples=sum(len(b["ids"]) for b in batches),
-                groups=step_groups, negatives_per_anchor=negatives, hard_negatives_per_anchor=hard,
-                supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                real_tokens=real, padded_tokens=sum(b["computed_tokens"] for b in batches) - real,
-                real_tokens_per_s=round(real / seconds),
+    counts = step_counts(batches, step_groups, cfg.negatives == "group")
+    return dict(**record, lr=lr, grad_norm=grad_norm.item(), **counts,
+                real_tokens_per_s=round(counts["real_tokens"] / (time.perf_counter() - started)),
                 skipped=int(run.scaler.is_enabled() and run.scaler.get_scale() < scale))
 
 

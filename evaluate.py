@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import DTYPES, opt, parse_flags, resolve_precision
 from data import PROMPT_TEMPLATE
 from files import read_jsonl, write_atomically
+from flags import COUNT, SEED, opt, parse_flags, up_to
 from glue import ANSWERS, CATEGORIES, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
 from model import generate
+from precision import DTYPES, resolve_precision
 from report import hidden_report, render_tables
 
 # -----------------------------------------------------------------------------
@@ -75,17 +76,18 @@ class EvalConfig:
     groups: str = opt("all", "comma list of the prompt file's groups")
     protocol: str = opt("coin", "coin: CoIN's draws; paired: one draw per task for all groups",
                         choices=("coin", "paired"))
-    samples: int = opt(300, "examples per task and group: min(N, size) (CoIN: 300)")
-    seed: int = opt(42, "seed of the sample draws (CoIN's seed_all(42))")
+    samples: int = opt(300, "examples per task and group: min(N, size) (CoIN: 300)", valid=COUNT)
+    seed: int = opt(42, "seed of the sample draws (CoIN's seed_all(42))", valid=SEED)
     format: str = opt("coin", "coin: CoIN's input; train: coin.py's format", choices=("coin", "train"))
-    max_new_tokens: int = opt(7, "greedy tokens per answer (CoIN: 7; not_entailment is 5 LLaMA tokens)")
+    max_new_tokens: int = opt(7, "greedy tokens per answer (CoIN: 7; not_entailment is 5 LLaMA tokens)",
+                              valid=up_to(2048, "LLaMA's context"))
     mode: str = opt("generate", "generate (CoIN's) or rank (label likelihood)", choices=("generate", "rank"))
     # Outputs and the hidden-state report
     out: str = opt("", "results dir (default: <ckpt>/results, or results_rank)")
     resume: bool = opt(False, "skip the cells already complete in the results dir")
     hidden_report: str = opt("", "a task: hidden-state similarity to clean + PCA (paper Fig. 4), no accuracy")
     # Machinery
-    batch_size: int = opt(32, "inputs per batch (rank mode: each is one row per label)")
+    batch_size: int = opt(32, "inputs per batch (rank mode: each is one row per label)", valid=COUNT)
     dtype: str = opt("", "weights (default: bf16 on a GPU, fp32 on a CPU)", choices=("bf16", "fp16", "fp32"))
     device: str = opt("", "cuda | cpu (default: cuda when there is a GPU)")
 
@@ -393,8 +395,8 @@ class Run:
 def check_flags(cfg):
     """A Run, or a ValueError naming the flag at fault: nothing is loaded or written before this passes."""
     base, adapter, out_dir = resolve_paths(cfg)
-    if min(cfg.samples, cfg.batch_size, cfg.max_new_tokens) < 1:
-        raise ValueError("--samples, --batch-size and --max-new-tokens must be at least 1")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: a file, not a results directory; give --out a directory")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     prompt_set = load_prompt_set(cfg.prompts)
     tasks = choose(cfg.hidden_report or cfg.tasks, TASKS, "task")

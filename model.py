@@ -298,6 +298,7 @@ def pool_last_token(hidden, last_index):
 # For LLaMA-7B's q_proj with r=16: W has 4096*4096 = 16.8M weights, A and B together 2*16*4096 = 131k.
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # alpaca-lora's targets (tloen/alpaca-lora-7b)
+LINEARS = LORA_TARGETS + ("gate_proj", "up_proj", "down_proj")  # every linear layer of a decoder layer
 
 
 class LoRALinear(nn.Module):

@@ -9,8 +9,8 @@ A random model learns little in a few minutes, so with this base the pipeline ru
 but the scores mean nothing.
 """
 import io
-import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
@@ -33,19 +33,25 @@ def train_tokenizer(texts, vocab_size):
     return model_bytes.getvalue()
 
 
-def build_tiny_base(out_dir, examples, seed):
-    """Write the tiny base to out_dir (replacing what is there) and return out_dir. Deterministic per seed."""
+def build_tiny_base(examples, seed):
+    """Write the tiny base to a new scratch folder and return it. Deterministic per seed."""
     args = read_model_args(TINY_CONFIG)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix="coin-tiny-base-"))
     texts = [text for e in examples for text in (e.original, e.paraphrase, e.target)]
     torch.manual_seed(seed)
     model = Llama(args)
     with torch.no_grad():  # HF's LLaMA init: N(0, 0.02) matrices, unit norms
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
-    save_model(model, tmp)
-    (tmp / "tokenizer.model").write_bytes(train_tokenizer(texts, args.vocab_size))
-    shutil.rmtree(out_dir, ignore_errors=True)  # a base left by a run that died before its first checkpoint
-    os.rename(tmp, out_dir)
-    return out_dir
+    save_model(model, folder)
+    (folder / "tokenizer.model").write_bytes(train_tokenizer(texts, args.vocab_size))
+    return folder
+
+
+def install_tiny_base(folder, base_dir):
+    """Move a built base to base_dir (replacing what is there: a base left by a run that died before its first
+    checkpoint) and return base_dir, resolved."""
+    base_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(base_dir, ignore_errors=True)
+    shutil.move(folder, base_dir)
+    return base_dir.resolve()

@@ -33,7 +33,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import coin  # noqa: E402
-from config import resolve_precision  # noqa: E402
+from precision import resolve_precision  # noqa: E402
 from data import VIEWS, ContrastiveDataset, collate, epoch_steps  # noqa: E402
 from evaluate import build_input  # noqa: E402
 from glue import load_task  # noqa: E402

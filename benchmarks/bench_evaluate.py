@@ -26,7 +26,7 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from evaluate import build_input, generate_batched  # noqa: E402
-from config import DTYPES  # noqa: E402
+from precision import DTYPES  # noqa: E402
 from glue import load_task  # noqa: E402
 from hf_io import Tokenizer, hf_config, load_model  # noqa: E402
 from model import ModelArgs  # noqa: E402
