@@ -287,7 +287,7 @@ def check_flags(cfg):
 
 def set_up(cfg):
     """(run, checkpoint to resume or None). Everything that can be wrong with the input (flags, data, base,
-    adapter) is checked before anything in --out is written or removed."""
+    adapter) is checked before anything in --out is written or removed; --tiny's base is built aside first."""
     out = Path(cfg.out)
     device, dtype = check_flags(cfg)
     examples, problems = load_examples(cfg.data, skip_bad=cfg.skip_bad)
@@ -297,8 +297,8 @@ def set_up(cfg):
         raise ValueError(f"--holdout {cfg.holdout}: {cfg.data} has {len(examples)} examples; hold out fewer")
     examples = examples[:len(examples) - cfg.holdout]  # CoIN's validation split: the file's last rows
     checkpoint = find_run(out, cfg.resume, cfg.overwrite)
-    scratch = cfg.tiny and not cfg.base  # the tiny base is built aside, and moved into --out after the checks
-    cfg = replace(cfg, base=str(build_tiny_base(examples, cfg.seed))) if scratch else cfg
+    scratch = build_tiny_base(examples, cfg.seed) if cfg.tiny and not cfg.base else None
+    cfg = replace(cfg, base=scratch.name) if scratch else cfg
     cfg = replace(cfg, **{key: str(Path(getattr(cfg, key)).resolve()) for key in PATHS if getattr(cfg, key)})
     model, tokenizer, lora = build_model(cfg, device, dtype)
     cfg = replace(cfg, **lora)  # recorded in config.json
@@ -310,7 +310,7 @@ def set_up(cfg):
     if cfg.overwrite:
         clear_run(out)
     if scratch:
-        cfg = replace(cfg, base=str(install_tiny_base(Path(cfg.base), out / "base")))
+        cfg = replace(cfg, base=str(install_tiny_base(scratch, out / "base")))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=0.0)  # HF Trainer's defaults, as in alpaca-lora
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import PROMPT_TEMPLATE
-from files import read_jsonl, write_atomically
+from files import read_json, read_jsonl, write_atomically
 from flags import COUNT, SEED, opt, parse_flags, up_to
 from glue import ANSWERS, CATEGORIES, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
@@ -133,13 +133,7 @@ def load_or_draw_samples(path, sizes, groups, cfg):
 
 def load_prompt_set(path):
     """{group: {task: [instruction, ...]}}, checked for that shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno})") from None
+    data = read_json(path)
     if not (isinstance(data, dict) and data and all(map(is_instruction_table, data.values()))):
         raise ValueError(f"{path}: expected {{group: {{task: [instruction, ...]}}}}, perturb.py's format")
     return data
@@ -373,7 +367,7 @@ def resolve_paths(cfg):
                          "pass coin.py's output dir")
     if not cfg.base and not config.is_file():
         raise FileNotFoundError(f"{config}: not found; it names the base model (or pass --base)")
-    base = cfg.base or json.loads(config.read_text()).get("base")
+    base = cfg.base or read_json(config).get("base")
     if not base:
         raise ValueError(f"{config}: no 'base' entry naming the base model; pass --base")
     return Path(base), ckpt, Path(cfg.out) if cfg.out else ckpt / leaf

@@ -5,7 +5,9 @@ A support module, torch-free so that perturb.py can use it too. Read it when a s
 
 - `write_atomically`: a crash, a Ctrl-C or a full disk leaves the old file or the new one, never half of one,
   so a checkpoint, a results file or a training file can always be read back.
-- `read_jsonl`: every non-blank line with its line number, so errors can say "path:line: reason and fix".
+- `read_text`, `read_json`, `read_jsonl`: what users hand us is read one way: UTF-8 with or without a
+  byte-order mark, LF or CRLF; anything else, and every bad line, is an error that says "path:line: reason and
+  fix". read_jsonl yields every non-blank line with its line number.
 - `read_python_literal`: data that other projects ship as Python (FLAN's templates.py, PromptBench's
   config.py) is parsed with ast and never imported: the rest of such a file may be any code at all.
 """
@@ -31,18 +33,41 @@ def write_atomically(path, content):
         raise
 
 
-def read_jsonl(path):
-    """Yield (line number, parsed value or None, JSON error or None) for each non-blank line of a JSONL file.
+def read_text(path):
+    """The text of a UTF-8 file. A byte-order mark (editors and spreadsheet exports write one) is dropped and
+    CRLF line ends read as LF; a directory, or bytes that are not UTF-8, is a ValueError naming the path (and
+    line) and the fix; a missing file is a FileNotFoundError."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a file; give the file's path")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: byte {data[e.start]:#04x} is not UTF-8 text; "
+                         "save the file as UTF-8") from None
 
-    Errors are yielded, not raised, so that a validator can report every bad line at once.
-    """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line), None
-                except json.JSONDecodeError as e:
-                    yield lineno, None, f"{e.msg} at column {e.colno}"
+
+def read_json(path):
+    """The value in a JSON file (read as read_text does); bad JSON is a ValueError naming the line."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno}); fix the file") from None
+
+
+def read_jsonl(path):
+    """Yield (line number, parsed value or None, JSON error or None) for each non-blank line of a JSONL file
+    (read as read_text does). Errors are yielded, not raised, so a validator can report every bad line."""
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"{e.msg} at column {e.colno}"
 
 
 def read_python_literal(path, name):
@@ -54,8 +79,8 @@ def read_python_literal(path, name):
     """
     path = Path(path)
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    except (SyntaxError, UnicodeDecodeError) as e:  # a null byte is a SyntaxError without a line number
+        tree = ast.parse(read_text(path), filename=str(path))
+    except SyntaxError as e:  # a null byte is a SyntaxError without a line number
         line = f":{e.lineno}" if getattr(e, "lineno", None) else ""
         raise ValueError(f"{path}{line}: not valid Python ({getattr(e, 'msg', e)}): "
                          "fix it or use an unmodified copy of the file") from None

@@ -17,11 +17,12 @@ an explicit choice: coin.py's --resume puts them on top of the run's saved confi
 `TrainConfig(**given)` fills in the rest.
 """
 import argparse
-import json
 import math
 import types
 from dataclasses import field, fields
 from pathlib import Path
+
+from files import read_json
 
 # What a number must be, as (test, what it says). A float must also be finite: nan and inf are refused.
 COUNT = (lambda v: v >= 1, "at least 1")
@@ -29,6 +30,7 @@ NON_NEGATIVE = (lambda v: v >= 0, "at least 0")
 POSITIVE = (lambda v: v > 0, "greater than 0")
 PROBABILITY = (lambda v: 0 <= v < 1, "at least 0 and below 1")
 FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
+SHARE = (lambda v: 0 < v <= 1, "above 0 and at most 1")
 SEED = (lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1")  # what torch.manual_seed and random take
 
 
@@ -96,7 +98,7 @@ def merge_saved(given, saved_file, may_change=(), paths=()):
     """
     if not Path(saved_file).is_file():
         return given
-    saved = json.loads(Path(saved_file).read_text())
+    saved = read_json(saved_file)
     for key, value in given.items():
         if key in paths and saved.get(key):
             same = Path(value).resolve() == Path(saved[key]).resolve()

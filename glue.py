@@ -15,9 +15,10 @@ tasks it scores, and prepare_data.py how FLAN renders a GLUE row. Read it beside
 Next: read `evaluate.py`.
 """
 import csv
+import io
 from pathlib import Path
 
-from files import read_jsonl
+from files import read_jsonl, read_text
 
 # -----------------------------------------------------------------------------
 # 1. Tasks and labels
@@ -152,8 +153,7 @@ def read_jsonl_rows(path):
 
 def read_tsv(path, part):
     """[(where, {field: text})] of a GLUE dev file. QUOTE_NONE: GLUE sentences hold unbalanced quotes."""
-    with open(path, newline="", encoding="utf-8") as f:
-        table = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    table = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     header = COLA_HEADER if part == "cola" else table.pop(0) if table else []
     absent = [c for c in GLUE_TSV[part][1].values() if c not in header]
     if absent:

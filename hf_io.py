@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from files import write_atomically
+from files import read_json, write_atomically
 from model import Llama, LoRALinear, ModelArgs, apply_lora, is_lora_target, lora_state_dict
 
 # -----------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def read_model_args(path):
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not found; point at a HF LLaMA directory (config.json + weights)")
-    cfg = json.loads(file.read_text())
+    cfg = read_json(file)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 nests rope_theta here
     cfg.setdefault("rope_theta", rope.get("rope_theta", ModelArgs.rope_theta))
     unsupported = {"hidden_act": cfg.get("hidden_act", "silu") != "silu",
@@ -113,6 +113,8 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     when the config ties it to the embedding.
     """
     path = Path(path)
+    if path.is_file():
+        raise ValueError(f"{path}: a file; give the HF LLaMA directory (config.json, weights, tokenizer)")
     args = read_model_args(path)
     with torch.device("meta"):
         model = Llama(args)
@@ -194,7 +196,7 @@ def read_adapter_config(adapter_dir):
     file = Path(adapter_dir) / "adapter_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not found; point at a peft LoRA adapter directory")
-    cfg = json.loads(file.read_text())
+    cfg = read_json(file)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for field, plain in PLAIN_LORA.items():

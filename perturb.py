@@ -19,7 +19,6 @@ copies the GLUE tasks of PromptBench's `PROMPT_SET_Promptbench_adv` as is; its c
 
 Next: read `evaluate.py`.
 """
-import argparse
 import functools
 import json
 import random
@@ -28,7 +27,8 @@ import string
 from pathlib import Path
 from statistics import mean
 
-from files import read_python_literal, write_atomically
+from files import read_json, read_python_literal, write_atomically
+from flags import SEED, SHARE, ArgumentParser, checked, up_to
 from glue import LABELS, TASKS, is_instruction_table
 
 # -----------------------------------------------------------------------------
@@ -266,10 +266,7 @@ def perturb(instruction, level, seed, protected=(), rate=None, wordnet=False):
 
 def load_prompts(path):
     """Read and check `{task: [instruction, ...]}`, or the "clean" group of a {group: {task: [...]}} file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if isinstance(data, dict) and isinstance(data.get("clean"), dict):
         data = data["clean"]  # a prompt-set file: start again from its clean group
     if not isinstance(data, dict) or not data:
@@ -352,22 +349,26 @@ def strength_report(prompt_set):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write perturbed instruction sets for evaluate.py.")
+    parser = ArgumentParser(description="Write perturbed instruction sets for evaluate.py.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help="clean instructions, {task: [instruction, ...]}")
     source.add_argument("--from-promptbench", metavar="CONFIG_PY",
                         help=f"copy the GLUE tasks of {PROMPTBENCH_SET} in PromptBench's config.py, as is")
     parser.add_argument("--out", required=True, help="prompt-set file to write, {group: {task: [...]}}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n", type=int, default=6, help="instructions per task (PromptBench uses 6)")
+    parser.add_argument("--seed", type=checked(int, SEED), default=0)
+    parser.add_argument("--n", type=checked(int, up_to(1000, "per task")), default=6,
+                        help="instructions per task (PromptBench uses 6)")
     for level, rate in DEFAULT_RATES.items():
-        parser.add_argument(f"--{level}-rate", type=float, default=rate, help="fraction of words to change")
+        parser.add_argument(f"--{level}-rate", type=checked(float, SHARE), default=rate,
+                            help="fraction of words to change")
     parser.add_argument("--semantic", help="your own paraphrases, {task: [instruction, ...]}, used as is")
     parser.add_argument("--wordnet", action="store_true", help="add WordNet synonyms (nltk + wordnet data)")
     args = parser.parse_args(argv)
     perturbing = {k: v for k, v in vars(args).items() if k not in ("prompts", "from_promptbench", "out")}
     if args.from_promptbench and any(v != parser.get_default(k) for k, v in perturbing.items()):
         parser.error("--from-promptbench copies, it does not perturb: drop the perturbation flags")
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: a directory; give the path of the prompt file to write")
     try:
         if args.from_promptbench:
             prompt_set, dropped = load_promptbench(args.from_promptbench)

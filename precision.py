@@ -1,7 +1,7 @@
 """precision.py: the device and the number format a run computes in, from --device and --dtype.
 
-A support module for coin.py and evaluate.py. The defaults: cuda when a GPU is present, else cpu; bf16 on a GPU
-(fp16 on GPUs without bf16), fp32 on a CPU, where bf16 is slow unless the CPU has bf16 units.
+A support module for coin.py and evaluate.py. The defaults: cuda when a GPU is present, else cpu; bf16 on a
+GPU (fp16 on GPUs without bf16), fp32 on a CPU, where bf16 is slow unless the CPU has bf16 units.
 """
 import re
 from contextlib import nullcontext

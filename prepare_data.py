@@ -16,8 +16,8 @@ The official CoIN CSV pairs rows instead: rows 2k and 2k+1 form group k, 2k+1 be
 
 Next: read `coin.py`.
 """
-import argparse
 import csv
+import io
 import json
 import random
 import re
@@ -27,7 +27,8 @@ from itertools import zip_longest
 from pathlib import Path
 
 from data import MAX_REPORTED, Example, load_examples
-from files import read_jsonl, read_python_literal, write_atomically
+from files import read_json, read_jsonl, read_python_literal, read_text, write_atomically
+from flags import COUNT, SEED, ArgumentParser, checked
 from glue import FLAN_LAYOUTS, flan_row
 
 # -----------------------------------------------------------------------------
@@ -47,16 +48,15 @@ def write_examples(path, examples):
 def read_coin_csv(path):
     """The official CoIN CSV -> (examples, dropped). Rows 2k and 2k+1 form group k (2k+1 is the hard negative
     of 2k). An odd last row has no partner: it is dropped (dropped = 1). kwargs (informational) is ignored."""
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig drops a spreadsheet export's BOM
-        reader = csv.DictReader(f)
-        missing = [column for column in CSV_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column '{missing[0]}'; "
-                             f"the CoIN CSV has {', '.join(CSV_COLUMNS)}, kwargs")
-        try:
-            rows = list(reader)
-        except csv.Error as e:
-            raise ValueError(f"{path}:{reader.line_num}: {e}") from None
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))  # a spreadsheet's BOM is dropped
+    missing = [column for column in CSV_COLUMNS if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: no column '{missing[0]}'; "
+                         f"the CoIN CSV has {', '.join(CSV_COLUMNS)}, kwargs")
+    try:
+        rows = list(reader)
+    except csv.Error as e:
+        raise ValueError(f"{path}:{reader.line_num}: {e}") from None
     paired = len(rows) - len(rows) % 2
     examples = [Example(id=f"csv-{r}", task=row["task_name"], original=row["original_instruction"],
                         paraphrase=row["paraphrased_instruction"], target=row["targets"], group=f"{r // 2}")
@@ -89,10 +89,7 @@ def load_templates(path):
     if path.suffix == ".py":
         patterns = _patterns_from_py(path)
     else:
-        try:
-            patterns = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e})") from None
+        patterns = read_json(path)
         if isinstance(patterns, dict) and isinstance(patterns.get("patterns"), dict):
             patterns = patterns["patterns"]
     shape = f"{path}: templates must map dataset -> [[input_template, output_template], ...] (strings)"
@@ -151,7 +148,8 @@ def load_sources(source_dir, templates):
     """dataset -> FLAN rows, one <dataset>.jsonl each, named as in the templates (e.g. glue_qqp.jsonl)."""
     paths = sorted(Path(source_dir).glob("*.jsonl"))
     if not paths:
-        raise ValueError(f"{source_dir}: no <dataset>.jsonl source files")
+        raise ValueError(f"{source_dir}: no <dataset>.jsonl source files; "
+                         "give --source the folder that holds them")
     for path in paths:
         if path.stem not in templates:
             raise ValueError(f"{path}: no templates for dataset '{path.stem}'; name source files after the "
@@ -259,7 +257,7 @@ def check(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build, import and check CoIN's flan_coin.jsonl.")
+    parser = ArgumentParser(description="Build, import and check CoIN's flan_coin.jsonl.")
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("convert", help="import the official CoIN CSV")
     sub.add_argument("--csv", required=True)
@@ -270,18 +268,20 @@ def main(argv=None):
                      help="templates.json, or FLAN's templates.py (parsed, not run)")
     sub.add_argument("--source", required=True, help="directory of <dataset>.jsonl source rows")
     sub.add_argument("--out", required=True)
-    sub.add_argument("--per-task", type=int, default=None,
+    sub.add_argument("--per-task", type=checked(int, COUNT), default=None,
                      help="groups per dataset (default: every row once)")
-    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--seed", type=checked(int, SEED), default=0)
     sub.set_defaults(run=build)
     sub = commands.add_parser("check", help="validate a training file and print its counts")
     sub.add_argument("file")
     sub.add_argument("--skip-bad", action="store_true", help="drop bad lines instead of refusing the file")
     sub.set_defaults(run=check)
     args = parser.parse_args(argv)
+    if getattr(args, "out", None) and Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: a directory; give the path of the .jsonl file to write")
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -34,9 +34,11 @@ def train_tokenizer(texts, vocab_size):
 
 
 def build_tiny_base(examples, seed):
-    """Write the tiny base to a new scratch folder and return it. Deterministic per seed."""
+    """Write the tiny base to a scratch folder, a TemporaryDirectory: it is deleted when dropped, so a run
+    refused after this leaves nothing behind. Deterministic per seed."""
     args = read_model_args(TINY_CONFIG)
-    folder = Path(tempfile.mkdtemp(prefix="coin-tiny-base-"))
+    scratch = tempfile.TemporaryDirectory(prefix="coin-tiny-base-", ignore_cleanup_errors=True)
+    folder = Path(scratch.name)
     texts = [text for e in examples for text in (e.original, e.paraphrase, e.target)]
     torch.manual_seed(seed)
     model = Llama(args)
@@ -45,13 +47,12 @@ def build_tiny_base(examples, seed):
             p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
     save_model(model, folder)
     (folder / "tokenizer.model").write_bytes(train_tokenizer(texts, args.vocab_size))
-    return folder
+    return scratch
 
 
-def install_tiny_base(folder, base_dir):
-    """Move a built base to base_dir (replacing what is there: a base left by a run that died before its first
+def install_tiny_base(scratch, base_dir):
+    """Copy a built base to base_dir (replacing what is there: a base left by a run that died before its first
     checkpoint) and return base_dir, resolved."""
-    base_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(base_dir, ignore_errors=True)
-    shutil.move(folder, base_dir)
+    shutil.copytree(scratch.name, base_dir)
     return base_dir.resolve()

@@ -432,7 +432,7 @@ def test_bad_input_gives_a_one_line_error(ckpt, prompts, tmp_path):
     cases = [
         (["--ckpt", str(tmp_path / "bare")], "lacks adapter_config.json and adapter_model.safetensors"),
         (["--ckpt", str(tmp_path / "nowhere")], "checkpoint dir not found"),
-        (["--ckpt", str(ckpt), "--prompts", str(tmp_path / "none.json")], "prompt file not found"),
+        (["--ckpt", str(ckpt), "--prompts", str(tmp_path / "none.json")], "none.json: no such file"),
         (["--ckpt", str(ckpt), "--prompts", str(tmp_path / "flat.json")], "expected {group: {task:"),
         (["--ckpt", str(ckpt), "--prompts", str(prompts), "--tasks", "sst3"], "unknown task 'sst3'"),
         (["--ckpt", str(ckpt), "--prompts", str(prompts), "--tasks", "cola"], "no instructions for cola"),

@@ -52,7 +52,7 @@ def test_read_python_literal_parses_the_file_and_never_runs_it(tmp_path):
     ("SETTINGS = dict(a=1)\n", r"PATH:1: SETTINGS is not a plain literal"),
     ("X = 1\nSETTINGS = {\n", r"PATH:2: not valid Python \(.+\): fix it or use an unmodified copy"),
     ("SETTINGS = {}\0\n", r"PATH(:\d+)?: not valid Python \(.*null bytes"),  # no line number, in 3.11
-    (b"SETTINGS = '\xff'\n", r"PATH: not valid Python \('utf-8' codec can't decode byte 0xff"),
+    (b"SETTINGS = '\xff'\n", r"PATH:1: byte 0xff is not UTF-8 text; save the file as UTF-8"),
 ])
 def test_read_python_literal_errors_are_one_line_with_the_file_line_and_fix(tmp_path, content, message):
     path = tmp_path / "config.py"

@@ -105,7 +105,7 @@ def test_templates_py_holds_the_same_templates_as_the_json(tmp_path, flan):
     ("templates.py", "PATTERNS = dict(rte=[])\n", r"templates\.py:1: PATTERNS is not a plain literal"),
     ("templates.py", "PATTERNS = {\n", r"templates\.py:1: not valid Python"),
     ("templates.json", '{"rte": ["one string"]}', r"templates must map dataset -> \[\[input_template"),
-    ("templates.json", '{"rte": [', r"templates\.json: not JSON"),
+    ("templates.json", '{"rte": [', r"templates\.json:1: not JSON"),
 ])
 
 
@@ -321,7 +321,7 @@ def test_cli_check_refuses_a_bad_file_and_skip_bad_reports_counts(tmp_path, caps
 
 
 def test_cli_build_reports_errors_in_one_line(tmp_path, flan_templates_path):
-    with pytest.raises(SystemExit, match=r"^error: .*: no <dataset>\.jsonl source files$"):
+    with pytest.raises(SystemExit, match=r"^error: .*: no <dataset>\.jsonl source files; give --source"):
         prepare_data.main(["build", "--templates", str(flan_templates_path), "--source", str(tmp_path),
                            "--out", str(tmp_path / "out.jsonl")])
     assert not (tmp_path / "out.jsonl").exists()
