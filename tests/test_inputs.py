@@ -2,7 +2,9 @@
 
 One table per CLI: (argv, expected), where expected is a fragment of the one-line error, or None when the
 input is acceptable. Each case must answer within TIMEOUT seconds (a hang fails instead of blocking CI); a
-refused input exits with one line (no traceback) that contains the fragment, and leaves nothing new on disk."""
+refused input exits with one line (no traceback) that contains the fragment, and leaves nothing new on disk.
+The one multi-line answer is a data file's bad-line report: its summary line, then "path:line: reason" each.
+"""
 import json
 import shutil
 import signal
