@@ -26,6 +26,7 @@ Next: read `perturb.py`.
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,13 +36,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import StopOnCtrlC, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
+from checkpoints import step_counts
 from data import IGNORE_INDEX, ContrastiveDataset, collate, epoch_steps, load_examples
+from distributed import World, accumulating, all_sum, finish, gather_rows as gather, shard, start, wrap
 from files import write_atomically
 from flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, comma_list_of, merge_saved, opt
 from flags import parse_flags, up_to
 from hf_io import load_adapter, load_model, load_tokenizer, save_adapter
 from memory import training_summary
-from model import LINEARS, apply_lora, merge_lora, pool_last_token
+from model import LINEARS, apply_lora, bucketed_hidden_states, merge_lora, pool_last_token
 from precision import autocast, resolve_precision
 from tiny_base import build_tiny_base, install_tiny_base
 
@@ -110,13 +113,14 @@ def parse_config(argv=None):
     given = parse_flags(TrainConfig, argv, "CoIN training: LoRA with generation + contrastive loss")
     if given.get("resume"):
         given = merge_saved(given, Path(given.get("out", TrainConfig.out)) / "config.json", RESUMABLE, PATHS)
+    given.pop("world_size", None)  # recorded by the run, and free to change on --resume
     return TrainConfig(**given)
 
 
 # -----------------------------------------------------------------------------
 # 2. The losses
 
-def info_nce(a, b, group_index, temperature, within_groups=True):
+def info_nce(a, b, group_index, temperature, within_groups=True, world=World()):
     """Symmetric InfoNCE per group: (G,) losses. a, b (B, D): the two views' pooled states; group_index (B,).
 
     sim (B, B) = cos(a_i, b_j) / temperature, in fp32; the diagonal holds the positives. within_groups masks
@@ -126,12 +130,15 @@ def info_nce(a, b, group_index, temperature, within_groups=True):
     """
     with torch.autocast(a.device.type, enabled=False):  # bf16 cosines / 0.05 would be off by several percent
         a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-        sim = a @ b.T / temperature  # (B, B)
+        a_all, first = (a, 0) if within_groups else gather(a, world)  # (N, D): N = B in one process
+        b_all, _ = (b, 0) if within_groups else gather(b, world)
+        sim_ab, sim_ba = a @ b_all.T / temperature, b @ a_all.T / temperature  # (B, N) each
         if within_groups:
-            sim = sim.masked_fill(group_index[:, None] != group_index[None, :], float("-inf"))
-        labels = torch.arange(sim.shape[0], device=sim.device)
-        rows = (F.cross_entropy(sim, labels, reduction="none")
-                + F.cross_entropy(sim.T, labels, reduction="none")) / 2  # (B,)
+            other = group_index[:, None] != group_index[None, :]  # (B, B): pairs of two groups
+            sim_ab, sim_ba = (sim.masked_fill(other, float("-inf")) for sim in (sim_ab, sim_ba))
+        labels = first + torch.arange(len(a), device=a.device)  # each row's positive among the N columns
+        rows = (F.cross_entropy(sim_ab, labels, reduction="none")
+                + F.cross_entropy(sim_ba, labels, reduction="none")) / 2  # (B,)
         return group_mean(rows, group_index, int(group_index.max()) + 1)  # (G,)
 
 
@@ -170,23 +177,8 @@ def generation_loss(model, hidden, labels, group_index):
     return per_view[:G] + per_view[G:]
 
 
-def bucketed_hidden_states(model, batch):
-    """(2B, T, D) final hidden states, one forward per length bucket (data.collate): a bucket's rows are cut
-    to its longest row, so a short row beside long ones costs little padding. Rows are right-padded, so
-    causal attention alone is exact; positions past a bucket's width stay 0 (no loss reads them)."""
-    input_ids, bucket, hidden = batch["input_ids"], batch["bucket"], None
-    lengths = batch["attention_mask"].sum(1)  # (2B,)
-    for b in range(int(bucket.max()) + 1):
-        rows = (bucket == b).nonzero()[:, 0]  # (R,)
-        width = int(lengths[rows].max())
-        part = model.hidden_states(input_ids[rows, :width])  # (R, width, D)
-        if hidden is None:
-            hidden = part.new_zeros(*input_ids.shape, part.shape[-1])
-        hidden[rows, :width] = part
-    return hidden
-
-
-def micro_batch_loss(model, batch, step_groups, temperature, lam, contrastive=True, within_groups=True):
+def micro_batch_loss(model, batch, step_groups, temperature, lam, contrastive=True, within_groups=True,
+                     world=World()):
     """One forward over the 2B rows of `batch`; returns (the loss to backpropagate, metric sums).
 
     The loss is the sum of this micro-batch's loss_g divided by step_groups, the groups of the whole step, so
@@ -195,13 +187,14 @@ def micro_batch_loss(model, batch, step_groups, temperature, lam, contrastive=Tr
     """
     group_index = batch["group_index"]
     B = len(group_index)
-    hidden = bucketed_hidden_states(model, batch)  # (2B, T, D)
+    lengths = batch["attention_mask"].sum(1)  # (2B,)
+    hidden = bucketed_hidden_states(model, batch["input_ids"], lengths, batch["bucket"])  # (2B, T, D)
     gen = generation_loss(model, hidden, batch["labels"], group_index)  # (G,)
     ctr = weight = torch.zeros_like(gen)
     total = gen
     if contrastive:
         pooled = pool_last_token(hidden, batch["last_index"])  # (2B, D)
-        ctr = info_nce(pooled[:B], pooled[B:], group_index, temperature, within_groups)  # (G,)
+        ctr = info_nce(pooled[:B], pooled[B:], group_index, temperature, within_groups, world)  # (G,)
         total, weight = coin_loss(gen, ctr, lam)
     parts = {name: value.sum().item() for name, value in
              dict(loss=total, gen=gen, ctr=ctr, weight=weight).items()}
@@ -263,33 +256,35 @@ class Run:
     cfg: TrainConfig
     model: torch.nn.Module
     dataset: ContrastiveDataset
-    pad_id: int
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: str
     dtype: torch.dtype
+    world: World
+    loss: torch.nn.Module  # micro_batch_loss(model, ...) as a module: under DDP with several processes
 
 
 def check_flags(cfg):
-    """(device, dtype), or a ValueError naming the flag at fault."""
+    """(world, device, dtype), or a ValueError naming the flag at fault."""
     if not cfg.data:
         raise ValueError("--data is required: a flan_coin.jsonl file (see data.py)")
     if not cfg.base and not cfg.tiny or cfg.base and cfg.tiny and not cfg.resume:
         raise ValueError("give either --base LLAMA_DIR (a HF LLaMA directory) or --tiny (a tiny demo model)")
-    if cfg.batch_size % cfg.micro_batch_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
-                         f"{cfg.micro_batch_size}")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     if dtype == torch.float16 and not device.startswith("cuda"):
         raise ValueError("--dtype fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU")
-    return device, dtype
+    world, device = start(device)
+    if cfg.batch_size % (cfg.micro_batch_size * world.size):
+        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size "
+                         f"{cfg.micro_batch_size}" + f" x {world.size} processes" * (world.size > 1))
+    return world, device, dtype
 
 
 def set_up(cfg):
     """(run, checkpoint to resume or None). Everything that can be wrong with the input (flags, data, base,
     adapter) is checked before anything in --out is written or removed; --tiny's base is built aside first."""
     out = Path(cfg.out)
-    device, dtype = check_flags(cfg)
+    world, device, dtype = check_flags(cfg)
     examples, problems = load_examples(cfg.data, skip_bad=cfg.skip_bad)
     if problems:
         print(f"{cfg.data}: skipped {len(problems)} bad lines (--skip-bad); first: {problems[0]}")
@@ -307,46 +302,45 @@ def set_up(cfg):
           f"answer token within --cutoff {cfg.cutoff} and {dataset.orphans} left without a group partner")
     if not dataset.groups:
         raise ValueError(f"{cfg.data}: no group left to train on; raise --cutoff or use --truncation middle")
-    if cfg.overwrite:
+    if cfg.overwrite and world.main:
         clear_run(out)
-    if scratch:
+    if scratch and world.main:
         cfg = replace(cfg, base=str(install_tiny_base(scratch, out / "base")))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=0.0)  # HF Trainer's defaults, as in alpaca-lora
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    return Run(cfg, model, dataset, tokenizer.pad_id, optimizer, scaler, device, dtype), checkpoint
+    loss = wrap(model, micro_batch_loss, world, device)
+    return Run(cfg, model, dataset, optimizer, scaler, device, dtype, world, loss), checkpoint
 
 
-def step_counts(batches, step_groups, within_groups):
-    """What a step held: examples, groups, negatives per anchor, supervised, real and padding tokens."""
-    partners = torch.cat([torch.bincount(b["group_index"])[b["group_index"]] - 1 for b in batches])  # (N,)
-    sizes = [len(b["ids"]) for b in batches]
-    negatives = int(partners.sum()) if within_groups else sum(n * (n - 1) for n in sizes)
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    return dict(examples=len(partners), groups=step_groups, negatives_per_anchor=negatives / len(partners),
-                hard_negatives_per_anchor=partners.float().mean().item(),
-                supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                real_tokens=real, padded_tokens=sum(b["computed_tokens"] for b in batches) - real)
+def step_batches(run, window):
+    """(this process's collated micro-batches of a step, the step's number of groups over all processes)."""
+    groups = len({run.dataset[i]["group"] for indices in window for i in indices})
+    return [collate([run.dataset[i] for i in indices], run.dataset.pad_id, run.cfg.group_by_length)
+            for indices in shard(window, run.world)], groups
 
 
-def train_step(run, batches, lr):
-    """One optimizer step over collated micro-batches; returns its metrics (skipped: fp16 overflow)."""
-    started, cfg = time.perf_counter(), run.cfg
+def train_step(run, batches, step_groups, lr):
+    """One optimizer step over this process's collated micro-batches of a step of step_groups groups (over
+    all processes); returns the step's metrics, summed over the processes (skipped: fp16 overflow)."""
+    started, cfg, world = time.perf_counter(), run.cfg, run.world
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    step_groups = sum(int(batch["group_index"].max()) + 1 for batch in batches)
-    record = dict(loss=0.0, gen=0.0, ctr=0.0, weight=0.0)  # means over the step's groups
-    for batch in batches:
-        with autocast(run.device, run.dtype):
-            device_batch = {key: v.to(run.device) for key, v in batch.items() if torch.is_tensor(v)}
-            loss, parts = micro_batch_loss(run.model, device_batch, step_groups, cfg.temperature, cfg.lam,
-                                           cfg.contrastive, cfg.negatives == "group")
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss (gen {parts['gen']}, ctr {parts['ctr']}) on examples "
-                                     f"{', '.join(batch['ids'])}")
-        run.scaler.scale(loss).backward()
-        for key in record:
-            record[key] += parts[key] / step_groups
+    sums, bad = dict(loss=0.0, gen=0.0, ctr=0.0, weight=0.0), ""  # over this process's groups
+    for i, batch in enumerate(batches):
+        with accumulating(run.loss, last=i == len(batches) - 1):  # several processes: sync on the last only
+            with autocast(run.device, run.dtype):
+                device_batch = {key: v.to(run.device) for key, v in batch.items() if torch.is_tensor(v)}
+                loss, parts = run.loss(device_batch, step_groups / world.size, cfg.temperature, cfg.lam,
+                                       cfg.contrastive, cfg.negatives == "group", world)
+            run.scaler.scale(loss).backward()
+        if not (bad or math.isfinite(loss.item())):
+            bad = f"(gen {parts['gen']}, ctr {parts['ctr']}) on examples {', '.join(batch['ids'])}"
+        sums = {key: sums[key] + parts[key] for key in sums}
+    counts = step_counts(batches, cfg.negatives == "group", world.size)
+    totals = all_sum(dict(sums, **counts, bad=bool(bad)), world)
+    if totals.pop("bad"):  # every process stops, before the optimizer step, not only the one that saw it
+        raise FloatingPointError(f"non-finite loss {bad or 'in another process'}")
     run.scaler.unscale_(run.optimizer)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # HF Trainer's max_grad_norm
@@ -354,34 +348,38 @@ def train_step(run, batches, lr):
     run.scaler.step(run.optimizer)  # skipped by the scaler when fp16 gradients overflowed
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    counts = step_counts(batches, step_groups, cfg.negatives == "group")
-    return dict(**record, lr=lr, grad_norm=grad_norm.item(), **counts,
-                real_tokens_per_s=round(counts["real_tokens"] / (time.perf_counter() - started)),
+    examples = totals["examples"]
+    return dict({key: totals.pop(key) / step_groups for key in sums}, lr=lr, grad_norm=grad_norm.item(),
+                groups=step_groups, negatives_per_anchor=totals.pop("negatives") / examples,
+                world_size=world.size, examples_per_process=examples / world.size,
+                hard_negatives_per_anchor=totals.pop("hard_negatives") / examples, **totals,
+                real_tokens_per_s=round(totals["real_tokens"] / (time.perf_counter() - started)),
                 skipped=int(run.scaler.is_enabled() and run.scaler.get_scale() < scale))
 
 
 def train(cfg):
     """Train a CoIN LoRA adapter as `cfg` says; returns the output directory."""
     run, checkpoint = set_up(cfg)
-    cfg, out, model = run.cfg, Path(run.cfg.out), run.model
+    cfg, out, model, world = run.cfg, Path(run.cfg.out), run.model, run.world
     state = restore_checkpoint(checkpoint, model, run.optimizer, run.scaler) if checkpoint else {}
     step, skipped = state.get("step", 0), state.get("skipped", 0)
     total_steps = count_steps(run.dataset, cfg)
     warmup_steps = int(len(run.dataset) / cfg.batch_size * cfg.warmup_ratio)  # the official count
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    if world.main:  # the other processes print nothing and write nothing (distributed.py)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / "config.json", json.dumps(dict(asdict(cfg), world_size=world.size), indent=2))
     print(training_summary(model, 2 * cfg.micro_batch_size, cfg.cutoff, cfg.grad_checkpointing,
                            cfg.lora_targets.split(","), cfg.lora_r))
     windows = (step for epoch in itertools.count() for step in steps_of_epoch(run.dataset, cfg, epoch))
     bar = tqdm(itertools.islice(windows, step, total_steps), total=total_steps, initial=step, desc="coin",
-               dynamic_ncols=True)
-    metrics, stop, started = open_metrics(out, step), StopOnCtrlC(), time.perf_counter()
+               dynamic_ncols=True, disable=not world.main)
+    metrics = open_metrics(out, step) if world.main else open(os.devnull, "w")
+    stop, started = StopOnCtrlC(), time.perf_counter()
     try:
         for window in bar:
-            batches = [collate([run.dataset[i] for i in indices], run.pad_id, cfg.group_by_length)
-                       for indices in window]
             try:
-                record = train_step(run, batches, learning_rate(step, total_steps, cfg.lr, warmup_steps))
+                lr = learning_rate(step, total_steps, cfg.lr, warmup_steps)
+                record = train_step(run, *step_batches(run, window), lr)
             except FloatingPointError as e:
                 raise FloatingPointError(f"step {step + 1}: {e}; stopped, the last good checkpoint is kept "
                                          f"in {out}") from None
@@ -392,18 +390,20 @@ def train(cfg):
             if step == 1 and run.device.startswith("cuda"):
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 bar.write(f"measured peak GPU memory after step 1: {peak:.2f} GiB")
-            if step % cfg.save_every == 0 or step == total_steps or stop:
+            stopping = all_sum(dict(stop=bool(stop)), world)["stop"] > 0  # all processes stop together
+            if world.main and (step % cfg.save_every == 0 or step == total_steps or stopping):
                 save_checkpoint(out, model, run.optimizer, run.scaler, cfg, step, skipped)
-            if stop:
+            if stopping:
                 bar.write(f"interrupted: saved step {step} in {out}; continue with --resume")
-                return out
+                return finish(world, out)
     finally:
         stop.restore()
         metrics.close()
-    save_adapter(model, out, cfg.base)  # the finished run: out/ itself is a peft adapter directory
+    if world.main:
+        save_adapter(model, out, cfg.base)  # the finished run: out/ itself is a peft adapter directory
     print(f"done: steps {total_steps}, {time.perf_counter() - started:.0f} s, skipped (fp16 overflow) "
           f"{skipped}; the adapter is in {out}")
-    return out
+    return finish(world, out)
 
 
 # -----------------------------------------------------------------------------

@@ -173,7 +173,7 @@ class ContrastiveDataset:
     counts examples dropped because their group was left with one member (it could not be contrasted)."""
 
     def __init__(self, examples, tokenizer, cutoff=CUTOFF, eos=False, truncation="right"):
-        by_group, self.dropped = {}, 0
+        by_group, self.dropped, self.pad_id = {}, 0, tokenizer.pad_id  # pad_id: for collate
         for example in examples:
             item = tokenize_example(example, tokenizer, cutoff, eos, truncation)
             self.dropped += item is None

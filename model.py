@@ -289,6 +289,22 @@ def pool_last_token(hidden, last_index):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
 
 
+def bucketed_hidden_states(model, input_ids, lengths, bucket):
+    """(R, T, D) final hidden states of right-padded rows (R, T) with `lengths` real tokens, one forward per
+    length bucket (R,) (data.collate forms them): a bucket's rows are cut to its longest row, so a short row
+    beside long ones costs little padding. Causal attention alone is exact on right-padded rows; positions
+    past a bucket's width stay 0 (no loss reads them)."""
+    hidden = None
+    for b in range(int(bucket.max()) + 1):
+        rows = (bucket == b).nonzero()[:, 0]  # (R_b,)
+        width = int(lengths[rows].max())
+        part = model.hidden_states(input_ids[rows, :width])  # (R_b, width, D)
+        if hidden is None:
+            hidden = part.new_zeros(*input_ids.shape, part.shape[-1])
+        hidden[rows, :width] = part
+    return hidden
+
+
 # -----------------------------------------------------------------------------
 # 9. LoRA
 #

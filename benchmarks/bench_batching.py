@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import coin  # noqa: E402
 from precision import resolve_precision  # noqa: E402
 from data import VIEWS, ContrastiveDataset, collate, epoch_steps  # noqa: E402
+from distributed import Forward, World  # noqa: E402
 from evaluate import build_input  # noqa: E402
 from glue import load_task  # noqa: E402
 from hf_io import Tokenizer, hf_config  # noqa: E402
@@ -124,8 +125,9 @@ def our_step(model, dataset, indices, by_length, device, dtype):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cfg = coin.TrainConfig(group_by_length=by_length)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    run = coin.Run(cfg, model, dataset, 0, optimizer, scaler, device, dtype)
-    return coin.train_step(run, [collate([dataset[i] for i in indices], 0, by_length)], 1e-4)
+    loss = Forward(model, coin.micro_batch_loss)
+    run = coin.Run(cfg, model, dataset, optimizer, scaler, device, dtype, World(), loss)
+    return coin.train_step(run, *coin.step_batches(run, [indices]), 1e-4)
 
 
 def official_step(peer, dataset, indices, dtype):
