@@ -126,6 +126,16 @@ def gather_rows(rows, world):
     return GatherRows.apply(rows, sizes, world.rank), sum(sizes[:world.rank])
 
 
+def gather_objects(value, world):
+    """[every rank's value] in rank order ([value] alone). all_gather_object pickles: only for values these
+    processes made themselves (evaluate.py's prediction records), never for data read from a file."""
+    if world.size == 1:
+        return [value]
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def all_sum(values, world):
     """{name: number} summed over the ranks, in one all-reduce; as floats."""
     if world.size == 1:

@@ -27,8 +27,9 @@ Outputs, in --out (default <ckpt>/results): samples.json, predictions.jsonl (a l
     python evaluate.py --base llama-7b-hf --adapter alpaca-lora-7b --glue-dir glue_data --out runs/alpaca
     python report.py runs/alpaca out/results        # the difference of two results dirs
 
-Data: glue.py. Tables and plots: report.py. Shape legend: B rows of a batch, T tokens, K labels, R = B*K rows,
-M label tokens. Next: read the tests; tests/test_evaluate.py pins this protocol down.
+Data: glue.py. Aggregates, tables and plots: report.py. Several processes: distributed.py. Shape legend: B
+rows of a batch, T tokens, K labels, R = B*K rows, M label tokens. Next: read the tests;
+tests/test_evaluate.py pins this protocol down.
 """
 import json
 import random
@@ -36,20 +37,20 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean, pstdev
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import PROMPT_TEMPLATE
+from distributed import World, finish, gather_objects, start as start_world
 from files import read_json, read_jsonl, write_atomically
 from flags import COUNT, SEED, opt, parse_flags, up_to
-from glue import ANSWERS, CATEGORIES, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
+from glue import ANSWERS, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
 from model import generate
 from precision import DTYPES, resolve_precision
-from report import hidden_report, render_tables
+from report import hidden_report, render_tables, summarize
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -263,78 +264,48 @@ def previous_cells(out_dir, protocol, cells, samples):
     return kept_cells, kept_records
 
 
-def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol):
-    """Run every cell not complete yet, writing the outputs after each; return results.json's content."""
+def cell_records(model, tokenizer, data, samples, cell, cfg, on_batch=None):
+    """The prediction records of one cell (task, group, prompt index, instruction), in sample order."""
+    task, group, p, instruction = cell
+    examples = [data[task][i] for i in samples[task][group]]
+    texts = [build_input(instruction, ex["content"], cfg.format) for ex in examples]
+    answers = predict(model, tokenizer, texts, task, cfg, on_batch)
+    return [dict(task=task, group=group, prompt_index=p, idx=i, raw=raw, pred=pred,
+                 gold=LABELS[task][ex["label"]])
+            for i, ex, (raw, pred) in zip(samples[task][group], examples, answers)]
+
+
+def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol, world=World()):
+    """Run every cell not complete yet, writing the outputs after each round; return results.json's content.
+    In a round, each process (distributed.py) runs one cell; rank 0 gathers the records and writes them."""
     old_cells, records = previous_cells(out_dir, protocol, cells, samples) if cfg.resume else ({}, {})
     all_cells, todo = {**old_cells, **cells}, [key for key in cells if key not in records]
-    total = sum(len(samples[cells[k][0]][cells[k][1]]) for k in todo)
-    bar = tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr)
-    for key in todo:
-        task, group, p, instruction = cells[key]
-        examples = [data[task][i] for i in samples[task][group]]
-        texts = [build_input(instruction, ex["content"], cfg.format) for ex in examples]
-        answers = predict(model, tokenizer, texts, task, cfg, bar.update)
-        records[key] = [dict(task=task, group=group, prompt_index=p, idx=i, raw=raw, pred=pred,
-                             gold=LABELS[task][ex["label"]])
-                        for i, ex, (raw, pred) in zip(samples[task][group], examples, answers)]
-        write_outputs(out_dir, all_cells, records, protocol)  # after every cell: a crash loses one at most
+    total = sum(len(samples[cells[k][0]][cells[k][1]]) for k in todo[world.rank::world.size])
+    bar = tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr, disable=not world.main)
+    for first in range(0, len(todo), world.size):
+        mine = todo[first:first + world.size][world.rank:world.rank + 1]  # none in a short last round
+        new = {k: cell_records(model, tokenizer, data, samples, cells[k], cfg, bar.update) for k in mine}
+        for part in gather_objects(new, world):
+            records.update(part)
+        write_outputs(out_dir, all_cells, records, protocol, world.main)  # a crash loses one round at most
     bar.close()
-    return write_outputs(out_dir, all_cells, records, protocol)
+    return write_outputs(out_dir, all_cells, records, protocol, world.main)
 
 
-def write_outputs(out_dir, cells, records, protocol):
+def write_outputs(out_dir, cells, records, protocol, write=True):
+    """results.json's content for the cells done; written, with predictions.jsonl and table.md, if write."""
     done = [key for key in cells if key in records]
-    lines = [json.dumps(r) + "\n" for key in done for r in records[key]]  # cell by cell, in table order
-    write_atomically(out_dir / "predictions.jsonl", "".join(lines))
     results = summarize({k: cells[k] for k in done}, records, protocol)
-    write_atomically(out_dir / "results.json", json.dumps(results, indent=1))
-    write_atomically(out_dir / "table.md", render_tables(results))
+    if write:
+        lines = [json.dumps(r) + "\n" for key in done for r in records[key]]  # cell by cell, in table order
+        write_atomically(out_dir / "predictions.jsonl", "".join(lines))
+        write_atomically(out_dir / "results.json", json.dumps(results, indent=1))
+        write_atomically(out_dir / "table.md", render_tables(results))
     return results
 
 
 # -----------------------------------------------------------------------------
-# 6. Aggregation: accuracy per cell, mean and std per task x group, consistency, averages
-
-def summarize(cells, records, protocol):
-    """results.json: cells; per task x group mean and population std over prompts; consistency; averages."""
-    out_cells, by_pair, answers = {}, defaultdict(list), defaultdict(lambda: defaultdict(set))
-    by_group = defaultdict(list)  # group -> the accuracy of each of its cells, in table order
-    for key, (task, group, p, instruction) in cells.items():
-        out_cells[key] = dict(task=task, group=group, prompt_index=p, instruction=instruction,
-                              n=len(records[key]),
-                              accuracy=100 * mean(r["pred"] == r["gold"] for r in records[key]),
-                              invalid_rate=100 * mean(r["pred"] is None for r in records[key]))
-        by_pair[task, group].append(out_cells[key])
-        by_group[group].append(out_cells[key]["accuracy"])
-        for r in records[key]:
-            answers[task, group][r["idx"]].add(r["pred"])  # null (invalid) counts as an answer too
-    summary, consistency = defaultdict(dict), defaultdict(dict)
-    for (task, group), cs in by_pair.items():
-        accs = [c["accuracy"] for c in cs]
-        summary[task][group] = dict(mean=mean(accs), std=pstdev(accs), prompts=len(cs),
-                                    invalid_rate=mean(c["invalid_rate"] for c in cs))
-        consistency[task][group] = 100 * mean(len(a) == 1 for a in answers[task, group].values())
-    return dict(protocol=protocol, units="percent", cells=out_cells, summary=summary, consistency=consistency,
-                averages=averages(summary, by_group))
-
-
-def averages(summary, by_group):
-    """Per group: pooled, mean and population std over all its cells (task x prompt: Table 2's Average); the
-    mean of its task stds; by_group and by_category, the mean of its (category's) task means; overall."""
-    pooled, task_stds, task_means, by_category, all_means = {}, {}, {}, {}, []
-    for g, accs in by_group.items():
-        means = {t: summary[t][g]["mean"] for t in TASKS if g in summary.get(t, {})}  # task -> mean
-        pooled[g] = dict(mean=mean(accs), std=pstdev(accs), cells=len(accs))
-        task_stds[g] = mean(summary[t][g]["std"] for t in means)
-        task_means[g], all_means = mean(means.values()), all_means + list(means.values())
-        by_category[g] = {category: mean(means[t] for t in tasks if t in means)
-                          for category, tasks in CATEGORIES.items() if any(t in means for t in tasks)}
-    return dict(pooled=pooled, mean_of_task_stds=task_stds, by_group=task_means, by_category=by_category,
-                overall=mean(all_means) if all_means else None)
-
-
-# -----------------------------------------------------------------------------
-# 7. Command line
+# 6. Command line
 
 def choose(text, allowed, what):
     names = list(allowed) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
@@ -384,6 +355,7 @@ class Run:
     prompt_set: dict
     tasks: list
     groups: list
+    world: World
 
 
 def check_flags(cfg):
@@ -392,6 +364,9 @@ def check_flags(cfg):
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: a file, not a results directory; give --out a directory")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
+    world, device = start_world(device)
+    if cfg.hidden_report and world.size > 1:
+        raise ValueError("--hidden-report runs in one process: start it with python, not torchrun")
     prompt_set = load_prompt_set(cfg.prompts)
     tasks = choose(cfg.hidden_report or cfg.tasks, TASKS, "task")
     groups = choose(cfg.groups, prompt_set, "group")
@@ -400,7 +375,7 @@ def check_flags(cfg):
     if cfg.hidden_report and "clean" not in groups:
         raise ValueError("--hidden-report compares each group with 'clean': include it in --groups")
     plan_cells(prompt_set, tasks, groups)  # every (group, task) has instructions, or an error now
-    return Run(base, adapter, out_dir, device, dtype, prompt_set, tasks, groups)
+    return Run(base, adapter, out_dir, device, dtype, prompt_set, tasks, groups, world)
 
 
 def protocol_of(cfg, run):
@@ -433,11 +408,13 @@ def main(argv=None):
                 texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
             hidden_report(model, tokenizer, task, dict(texts), len(examples), cfg.batch_size, run.out_dir)
             return
-        results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run))
+        results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run),
+                           run.world)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(render_tables(results))
     print(f"wrote {run.out_dir}/predictions.jsonl, results.json and table.md")
+    finish(run.world)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def write_atomically(path, content):
     must exist. A failure removes the temporary file and leaves `path` as it was.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes writing the same file don't collide
     try:
         content(tmp) if callable(content) else tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)

@@ -1,7 +1,9 @@
 """report.py: evaluate.py's results as the paper shows them: tables, a comparison of two runs, hidden states.
 
-A support module, read after evaluate.py. evaluate.py computes results.json; this file only presents it.
+A support module, read after evaluate.py, whose predictions it aggregates (results.json) and presents.
 
+    summarize        results.json: accuracy per cell, mean and population std per task x group, consistency,
+                     Table 2's Average, categories
     render_tables    table.md: Table 2 (groups x tasks, mean ± std over prompts; Average: over all of a
                      group's cells), Table 1 (categories), consistency and invalid answers
     compare_tables   B - A for every task x group two results dirs share
@@ -16,18 +18,60 @@ Shape legend: N examples, Q prompts of a group, D model dim, B rows of a batch, 
 import argparse
 import json
 from pathlib import Path
-from statistics import mean
+from collections import defaultdict
+from statistics import mean, pstdev
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from files import write_atomically
-from glue import TASKS
+from glue import CATEGORIES, TASKS
 from model import pool_last_token
 
 # -----------------------------------------------------------------------------
-# 1. Tables
+# 1. Aggregation: accuracy per cell, mean and std per task x group, consistency, averages
+
+def summarize(cells, records, protocol):
+    """results.json: cells; per task x group mean and population std over prompts; consistency; averages."""
+    out_cells, by_pair, answers = {}, defaultdict(list), defaultdict(lambda: defaultdict(set))
+    by_group = defaultdict(list)  # group -> the accuracy of each of its cells, in table order
+    for key, (task, group, p, instruction) in cells.items():
+        out_cells[key] = dict(task=task, group=group, prompt_index=p, instruction=instruction,
+                              n=len(records[key]),
+                              accuracy=100 * mean(r["pred"] == r["gold"] for r in records[key]),
+                              invalid_rate=100 * mean(r["pred"] is None for r in records[key]))
+        by_pair[task, group].append(out_cells[key])
+        by_group[group].append(out_cells[key]["accuracy"])
+        for r in records[key]:
+            answers[task, group][r["idx"]].add(r["pred"])  # null (invalid) counts as an answer too
+    summary, consistency = defaultdict(dict), defaultdict(dict)
+    for (task, group), cs in by_pair.items():
+        accs = [c["accuracy"] for c in cs]
+        summary[task][group] = dict(mean=mean(accs), std=pstdev(accs), prompts=len(cs),
+                                    invalid_rate=mean(c["invalid_rate"] for c in cs))
+        consistency[task][group] = 100 * mean(len(a) == 1 for a in answers[task, group].values())
+    return dict(protocol=protocol, units="percent", cells=out_cells, summary=summary, consistency=consistency,
+                averages=averages(summary, by_group))
+
+
+def averages(summary, by_group):
+    """Per group: pooled, mean and population std over all its cells (task x prompt: Table 2's Average); the
+    mean of its task stds; by_group and by_category, the mean of its (category's) task means; overall."""
+    pooled, task_stds, task_means, by_category, all_means = {}, {}, {}, {}, []
+    for g, accs in by_group.items():
+        means = {t: summary[t][g]["mean"] for t in TASKS if g in summary.get(t, {})}  # task -> mean
+        pooled[g] = dict(mean=mean(accs), std=pstdev(accs), cells=len(accs))
+        task_stds[g] = mean(summary[t][g]["std"] for t in means)
+        task_means[g], all_means = mean(means.values()), all_means + list(means.values())
+        by_category[g] = {category: mean(means[t] for t in tasks if t in means)
+                          for category, tasks in CATEGORIES.items() if any(t in means for t in tasks)}
+    return dict(pooled=pooled, mean_of_task_stds=task_stds, by_group=task_means, by_category=by_category,
+                overall=mean(all_means) if all_means else None)
+
+
+# -----------------------------------------------------------------------------
+# 2. Tables
 
 
 def markdown_table(header, rows):
@@ -97,7 +141,7 @@ def compare_tables(dir_a, dir_b):
 
 
 # -----------------------------------------------------------------------------
-# 2. Hidden-state report (paper §5.1, Fig. 4)
+# 3. Hidden-state report (paper §5.1, Fig. 4)
 
 @torch.no_grad()
 def last_token_states(model, tokenizer, texts, batch_size):
@@ -171,7 +215,7 @@ def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir
 
 
 # -----------------------------------------------------------------------------
-# 3. Command line
+# 4. Command line
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print evaluate.py's tables, or compare two results dirs.")

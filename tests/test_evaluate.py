@@ -401,14 +401,14 @@ def test_summary_means_population_std_consistency_and_categories():
     answers = {"sst2/clean/0": [("positive", "positive"), ("negative", "positive")],  # 50%
                "sst2/clean/1": [("positive", "positive"), (None, "positive")],  # 50%, one invalid
                "rte/clean/0": [("entailment", "entailment"), ("entailment", "entailment")]}  # 100%
-    results = evaluate.summarize(cells, records_for(cells, answers), {"mode": "generate"})
+    results = report.summarize(cells, records_for(cells, answers), {"mode": "generate"})
     assert results["summary"]["sst2"]["clean"] == dict(mean=50.0, std=0.0, prompts=2, invalid_rate=25.0)
     # example 0 agrees under both prompts, example 1 not
     assert results["consistency"]["sst2"]["clean"] == 50.0
     assert results["averages"]["by_category"]["clean"] == {"Sentiment": 50.0, "NLI": 100.0}
     assert results["averages"]["overall"] == 75.0
     answers["sst2/clean/1"] = [("negative", "positive")] * 2  # 0%: std over prompts is 25 (population)
-    results = evaluate.summarize(cells, records_for(cells, answers), {"mode": "generate"})
+    results = report.summarize(cells, records_for(cells, answers), {"mode": "generate"})
     assert results["summary"]["sst2"]["clean"]["std"] == 25.0
     # Table 2's Average pools the group's cells 50, 0 and 100: mean 50, population std
     # sqrt((0² + 50² + 50²) / 3) = 40.82; the mean of the task stds is (25 + 0) / 2 = 12.5
