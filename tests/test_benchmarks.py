@@ -1,0 +1,24 @@
+"""The GPU suite (benchmarks/gpu.sh) runs on a CPU too, at a tiny shape, so that it does not rot between the
+sessions that have a GPU: a smoke test of its code paths, not of its numbers (benchmarks print those)."""
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_the_gpu_suite_runs_at_a_tiny_shape_on_cpu(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--shape", "tiny", "--device", "cpu",
+                           "--dtype", "fp32", "--steps", "1", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "gpu_table.md").read_text()
+    for row in ("memory: micro-batch 16 x 256 tokens", "CoIN step of 64 examples: real tokens/s",
+                "model FLOPs utilisation", "evaluation: examples/s", "identical answers"):
+        assert row in table, row
+
+
+def test_gpu_sh_says_when_there_is_no_gpu():
+    done = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0
+    assert "no CUDA GPU here" in done.stdout or "coin GPU benchmarks" in done.stdout
