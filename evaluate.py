@@ -36,16 +36,18 @@ import random
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from statistics import mean
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from attack import ATTACKS, run_attacks
 from data import PROMPT_TEMPLATE
 from distributed import World, finish, gather_objects, start as start_world
 from files import read_json, read_jsonl, write_atomically
-from flags import COUNT, SEED, opt, parse_flags, up_to
+from flags import COUNT, SEED, choose, comma_list_of, opt, parse_flags, up_to
 from glue import ANSWERS, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
 from model import generate
@@ -87,6 +89,11 @@ class EvalConfig:
     out: str = opt("", "results dir (default: <ckpt>/results, or results_rank)")
     resume: bool = opt(False, "skip the cells already complete in the results dir")
     hidden_report: str = opt("", "a task: hidden-state similarity to clean + PCA (paper Fig. 4), no accuracy")
+    # Adversarial search against this model (attack.py), instead of scoring
+    attack: str = opt("", "comma list of deepwordbug, textfooler, checklist: attack the prompt file's clean "
+                          "instructions; writes prompts.json, attack_log.jsonl", valid=comma_list_of(ATTACKS))
+    attack_budget: int = opt(200, "scored candidates per attacked instruction", valid=COUNT)
+    attack_examples: int = opt(16, "examples scoring a candidate, none of them evaluated", valid=COUNT)
     # Machinery
     batch_size: int = opt(32, "inputs per batch (rank mode: each is one row per label)", valid=COUNT)
     dtype: str = opt("", "weights (default: bf16 on a GPU, fp32 on a CPU)", choices=("bf16", "fp16", "fp32"))
@@ -209,6 +216,32 @@ def rank_scores(model, prompts, continuations, pad_id):
     return scores.view(len(prompts), len(continuations)).cpu()  # (B, K)
 
 
+def margin_scorer(model, tokenizer, task, examples, cfg):
+    """attack.py's score(instructions): per instruction, the mean over `examples` of log p(gold label) minus
+    the largest log p of another label, every instruction x example scored in length-sorted batches."""
+    label_ids = [tokenizer.encode(label, bos=False) for label in LABELS[task]]
+
+    def score(texts):
+        prompts = [tokenizer.encode(build_input(text, ex["content"], cfg.format)) for text in texts
+                   for ex in examples]
+        rows = in_length_order(prompts, cfg.batch_size, lambda batch: rank_scores(model, batch, label_ids,
+                                                                                   tokenizer.pad_id).tolist())
+        margins = [row[ex["label"]] - max(row[:ex["label"]] + row[ex["label"] + 1:])
+                   for row, ex in zip(rows, examples * len(texts))]
+        return [mean(margins[i:i + len(examples)]) for i in range(0, len(margins), len(examples))]
+    return score
+
+
+def attack_set(examples, drawn, cfg):
+    """cfg.attack_examples of a task's examples that none of its groups' samples (`drawn`) holds."""
+    taken = {i for indices in drawn.values() for i in indices}
+    free = [i for i in range(len(examples)) if i not in taken]
+    if not free:
+        raise ValueError("no example is left for the attack set: lower --samples")
+    return [examples[i] for i in random.Random(f"attack:{cfg.seed}").sample(free, min(cfg.attack_examples,
+                                                                                        len(free)))]
+
+
 def predict(model, tokenizer, texts, task, cfg, on_batch=None):
     """[(raw, pred)] per input. raw: the decoded answer (generate) or {label: log-likelihood} (rank); pred: a
     label word, or None."""
@@ -307,18 +340,9 @@ def write_outputs(out_dir, cells, records, protocol, write=True):
 # -----------------------------------------------------------------------------
 # 6. Command line
 
-def choose(text, allowed, what):
-    names = list(allowed) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in names if x not in allowed]
-    if unknown or not names:
-        raise ValueError(f"unknown {what} {unknown[0] if unknown else text!r}; "
-                         f"choose from {', '.join(allowed)}")
-    return names
-
-
 def resolve_paths(cfg):
     """(base dir, adapter dir or None, results dir) from --ckpt / --base / --adapter / --out."""
-    leaf = "results_rank" if cfg.mode == "rank" else "results"
+    leaf = "attacked" if cfg.attack else "results_rank" if cfg.mode == "rank" else "results"
     if not cfg.ckpt:
         if not cfg.base:
             raise ValueError("give --ckpt OUT_DIR, or --base LLAMA_DIR [--adapter PEFT_DIR]")
@@ -365,8 +389,8 @@ def check_flags(cfg):
         raise ValueError(f"{out_dir}: a file, not a results directory; give --out a directory")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     world, device = start_world(device)
-    if cfg.hidden_report and world.size > 1:
-        raise ValueError("--hidden-report runs in one process: start it with python, not torchrun")
+    if (cfg.hidden_report or cfg.attack) and world.size > 1:
+        raise ValueError("--hidden-report and --attack run in one process: use python, not torchrun")
     prompt_set = load_prompt_set(cfg.prompts)
     tasks = choose(cfg.hidden_report or cfg.tasks, TASKS, "task")
     groups = choose(cfg.groups, prompt_set, "group")
@@ -408,6 +432,11 @@ def main(argv=None):
                 texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
             hidden_report(model, tokenizer, task, dict(texts), len(examples), cfg.batch_size, run.out_dir)
             return
+        if cfg.attack:  # each task's attack set: examples that no group is scored on
+            clean = {task: instructions(run.prompt_set, "clean", task) for task in run.tasks}
+            return run_attacks(cfg.attack.split(","), clean, lambda task: margin_scorer(
+                model, tokenizer, task, attack_set(data[task], samples[task], cfg), cfg), run.out_dir,
+                cfg.attack_budget, cfg.seed)
         results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run),
                            run.world)
     except (ValueError, FileNotFoundError) as e:

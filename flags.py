@@ -60,6 +60,16 @@ def checked(kind, valid=None):
     return convert
 
 
+def choose(text, allowed, what):
+    """The names of a comma list flag ("all": every allowed one); an unknown name is a ValueError."""
+    names = list(allowed) if text == "all" else [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {unknown[0] if unknown else text!r}; "
+                         f"choose from {', '.join(allowed)}")
+    return names
+
+
 def opt(default, help, choices=None, valid=None):
     """A dataclass field carrying its --help text, its argparse choices and the rule its value must pass."""
     return field(default=default, metadata=dict(help=help, choices=choices, valid=valid))

@@ -5,7 +5,9 @@ A support module, read after evaluate.py, whose predictions it aggregates (resul
     summarize        results.json: accuracy per cell, mean and population std per task x group, consistency,
                      Table 2's Average, categories
     render_tables    table.md: Table 2 (groups x tasks, mean ± std over prompts; Average: over all of a
-                     group's cells), Table 1 (categories), consistency and invalid answers
+                     group's cells), Table 1 (categories), consistency, invalid answers, PromptBench's
+                     performance drop rate (PDR) and a row per prompt; `python report.py DIR` adds a box
+                     plot per group (accuracy_boxplot.png, with matplotlib)
     compare_tables   B - A for every task x group two results dirs share
     hidden_report    paper §5.1, Fig. 4: how close each perturbed group's last-token hidden states stay to
                      clean ones, and a 2-D PCA of them (hidden_pca.png when matplotlib is installed)
@@ -45,11 +47,16 @@ def summarize(cells, records, protocol):
         by_group[group].append(out_cells[key]["accuracy"])
         for r in records[key]:
             answers[task, group][r["idx"]].add(r["pred"])  # null (invalid) counts as an answer too
+    for cell in out_cells.values():  # PromptBench's drop rate, against the clean prompt of the same index
+        clean = out_cells.get(f"{cell['task']}/clean/{cell['prompt_index']}")
+        cell["pdr"] = (1 - cell["accuracy"] / clean["accuracy"]
+                       if clean and clean["accuracy"] and cell["group"] != "clean" else None)
     summary, consistency = defaultdict(dict), defaultdict(dict)
     for (task, group), cs in by_pair.items():
-        accs = [c["accuracy"] for c in cs]
+        accs, pdrs = [c["accuracy"] for c in cs], [c["pdr"] for c in cs if c["pdr"] is not None]
         summary[task][group] = dict(mean=mean(accs), std=pstdev(accs), prompts=len(cs),
-                                    invalid_rate=mean(c["invalid_rate"] for c in cs))
+                                    invalid_rate=mean(c["invalid_rate"] for c in cs),
+                                    pdr=mean(pdrs) if pdrs else None)
         consistency[task][group] = 100 * mean(len(a) == 1 for a in answers[task, group].values())
     return dict(protocol=protocol, units="percent", cells=out_cells, summary=summary, consistency=consistency,
                 averages=averages(summary, by_group))
@@ -104,6 +111,10 @@ def render_tables(results):
               for g in groups]
     consistency = group_rows(results, lambda t, g: f"{results['consistency'][t][g]:.1f}")
     invalid = group_rows(results, lambda t, g: f"{summary[t][g]['invalid_rate']:.1f}")
+    pdr = group_rows(results, lambda t, g: number(summary[t][g].get("pdr"), ".2f"))
+    prompts = [[c["task"], c["group"], str(c["prompt_index"]), one_line(c["instruction"]),
+                f"{c['accuracy']:.1f}", number(c.get("pdr"), ".2f"), f"{c['invalid_rate']:.1f}"]
+               for c in results["cells"].values()]
     return "\n".join([
         f"# Results ({results['protocol']['mode']}, protocol {results['protocol'].get('protocol')}): "
         "accuracy in %, mean ± population std over a group's prompts",
@@ -114,7 +125,21 @@ def render_tables(results):
         "## Table 1: task categories", "", markdown_table(["group", *cats], table1),
         "## Consistency: % of examples predicted the same under every instruction of the group", "",
         markdown_table(["group", *tasks], consistency),
-        "## Invalid answers (%)", "", markdown_table(["group", *tasks], invalid)])
+        "## Invalid answers (%)", "", markdown_table(["group", *tasks], invalid),
+        "## Performance drop rate", "", markdown_table(["group", *tasks], pdr),
+        "PDR = 1 - acc_perturbed / acc_clean (PromptBench's definition), each perturbed prompt against the "
+        "clean prompt of the same index; mean over a task x group's prompts.", "",
+        "## Per prompt", "",
+        markdown_table(["task", "group", "#", "instruction", "accuracy", "PDR", "invalid"], prompts)])
+
+
+def number(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def one_line(text):
+    """text as one markdown table cell: a row is one line, and | separates cells."""
+    return " ".join(text.split()).replace("|", r"\|")
 
 
 def read_results(results_dir):
@@ -171,22 +196,48 @@ def pca_2d(states):
     return pca, (sv[:2] ** 2 / (sv ** 2).sum()).tolist()
 
 
-def save_scatter(pca, title, path):
-    """hidden_pca.png, or None without matplotlib (an optional dependency)."""
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None: matplotlib is an optional dependency."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt
+
+
+def save_figure(plt, fig, path):
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    plt.close(fig)
+    return path
+
+
+def save_box_plot(results, path):
+    """accuracy_boxplot.png: a box per group over its cells' accuracies (every task x prompt), or None
+    without matplotlib."""
+    plt, by_group = pyplot(), defaultdict(list)
+    if plt is None:
+        return None
+    for cell in results["cells"].values():
+        by_group[cell["group"]].append(cell["accuracy"])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(by_group), 4))
+    ax.boxplot(list(by_group.values()), labels=list(by_group))
+    ax.set(ylabel="accuracy (%)", title="accuracy over each group's prompts and tasks")
+    return save_figure(plt, fig, path)
+
+
+def save_scatter(pca, title, path):
+    """hidden_pca.png, or None without matplotlib (an optional dependency)."""
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(6, 6))
     for g, points in pca.items():
         ax.scatter(*np.array(points).T, s=6, alpha=0.6, label=g)
     ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
     ax.legend()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir):
@@ -225,8 +276,12 @@ def main(argv=None):
     if len(opts.dirs) > 2:
         parser.error("give one results dir, or two to compare")
     try:
-        print(render_tables(read_results(opts.dirs[0])) if len(opts.dirs) == 1
-              else compare_tables(*opts.dirs))
+        if len(opts.dirs) == 2:
+            return print(compare_tables(*opts.dirs))
+        results = read_results(opts.dirs[0])
+        print(render_tables(results))
+        png = save_box_plot(results, Path(opts.dirs[0]) / "accuracy_boxplot.png")
+        print(f"wrote {png}" if png else "no box plot: pip install matplotlib to get one")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -402,7 +402,8 @@ def test_summary_means_population_std_consistency_and_categories():
                "sst2/clean/1": [("positive", "positive"), (None, "positive")],  # 50%, one invalid
                "rte/clean/0": [("entailment", "entailment"), ("entailment", "entailment")]}  # 100%
     results = report.summarize(cells, records_for(cells, answers), {"mode": "generate"})
-    assert results["summary"]["sst2"]["clean"] == dict(mean=50.0, std=0.0, prompts=2, invalid_rate=25.0)
+    assert results["summary"]["sst2"]["clean"] == dict(mean=50.0, std=0.0, prompts=2, invalid_rate=25.0,
+                                                       pdr=None)
     # example 0 agrees under both prompts, example 1 not
     assert results["consistency"]["sst2"]["clean"] == 50.0
     assert results["averages"]["by_category"]["clean"] == {"Sentiment": 50.0, "NLI": 100.0}
@@ -416,6 +417,20 @@ def test_summary_means_population_std_consistency_and_categories():
     assert averages["pooled"]["clean"] == dict(mean=50.0, std=pytest.approx((5000 / 3) ** 0.5), cells=3)
     assert averages["mean_of_task_stds"]["clean"] == 12.5 and averages["by_group"]["clean"] == 62.5
     assert "| clean | 100.0 ± 0.0 | 25.0 ± 25.0 | 50.0 ± 40.8 | 12.5 |" in report.render_tables(results)
+
+
+def test_pdr_is_promptbenchs_drop_against_the_clean_prompt_of_the_same_index():
+    cells = {f"sst2/{g}/{p}": ("sst2", g, p, f"{g} {p}") for g in ("clean", "typos") for p in (0, 1)}
+    answers = {"sst2/clean/0": [("positive", "positive")] * 3 + [("negative", "positive")],  # 75%
+               "sst2/clean/1": [("negative", "positive")] * 4,  # 0%: no drop rate can be defined
+               "sst2/typos/0": [("positive", "positive")] * 2 + [("negative", "positive")] * 2,  # 50%
+               "sst2/typos/1": [("positive", "positive")] * 4}  # 100%
+    results = report.summarize(cells, records_for(cells, answers), {"mode": "generate"})
+    assert results["cells"]["sst2/typos/0"]["pdr"] == pytest.approx(1 - 50 / 75)
+    assert results["cells"]["sst2/typos/1"]["pdr"] is None and results["cells"]["sst2/clean/0"]["pdr"] is None
+    assert results["summary"]["sst2"]["typos"]["pdr"] == pytest.approx(1 / 3)
+    table = report.render_tables(results)
+    assert "| typos | 0.33 |" in table and "| sst2 | typos | 0 | typos 0 | 50.0 | 0.33 | 0.0 |" in table
 
 
 # -----------------------------------------------------------------------------
