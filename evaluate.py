@@ -393,7 +393,7 @@ def check_flags(cfg):
         raise ValueError("--hidden-report and --attack run in one process: use python, not torchrun")
     prompt_set = load_prompt_set(cfg.prompts)
     tasks = choose(cfg.hidden_report or cfg.tasks, TASKS, "task")
-    groups = choose(cfg.groups, prompt_set, "group")
+    groups = choose("clean" if cfg.attack else cfg.groups, prompt_set, "group")  # attacks start from clean
     if cfg.hidden_report and len(tasks) != 1:
         raise ValueError(f"--hidden-report {cfg.hidden_report}: name one task")
     if cfg.hidden_report and "clean" not in groups:
