@@ -233,8 +233,8 @@ def margin_scorer(model, tokenizer, task, examples, cfg):
 
 
 def attack_set(examples, drawn, cfg):
-    """cfg.attack_examples of a task's examples that none of its groups' samples (`drawn`) holds."""
-    taken = {i for indices in drawn.values() for i in indices}
+    """cfg.attack_examples of a task's examples, none of them in clean's or an attack's samples (drawn)."""
+    taken = {i for group in ("clean", *cfg.attack.split(",")) for i in drawn[group]}
     free = [i for i in range(len(examples)) if i not in taken]
     if not free:
         raise ValueError("no example is left for the attack set: lower --samples")
