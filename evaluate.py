@@ -441,8 +441,8 @@ def main(argv=None):
                            run.world)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(render_tables(results))
-    print(f"wrote {run.out_dir}/predictions.jsonl, results.json and table.md")
+    print(render_tables(results, per_prompt=False))
+    print(f"wrote {run.out_dir}/predictions.jsonl, results.json and table.md (with a row per prompt)")
     finish(run.world)
 
 

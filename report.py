@@ -95,8 +95,12 @@ def group_rows(results, cell, extra=lambda g: []):
     return rows
 
 
-def render_tables(results):
-    """table.md: Table 2 (groups x tasks, mean ± std), Table 1 (categories), consistency and invalid rate."""
+PROMPT_COLUMNS = ("task", "group", "#", "instruction", "accuracy", "PDR", "invalid")  # PromptBench's adv_prompts
+
+
+def render_tables(results, per_prompt=True):
+    """table.md: Table 2 (groups x tasks, mean ± std), Table 1 (categories), consistency, invalid rate, PDR,
+    and (per_prompt) a row per prompt."""
     summary, averages = results["summary"], results["averages"]
     by_category, groups = averages["by_category"], list(averages["by_group"])
     tasks = [t for t in TASKS if t in summary]
@@ -129,8 +133,7 @@ def render_tables(results):
         "## Performance drop rate", "", markdown_table(["group", *tasks], pdr),
         "PDR = 1 - acc_perturbed / acc_clean (PromptBench's definition), each perturbed prompt against the "
         "clean prompt of the same index; mean over a task x group's prompts.", "",
-        "## Per prompt", "",
-        markdown_table(["task", "group", "#", "instruction", "accuracy", "PDR", "invalid"], prompts)])
+        *(["## Per prompt", "", markdown_table(PROMPT_COLUMNS, prompts)] if per_prompt else [])])
 
 
 def number(value, spec):
