@@ -95,7 +95,7 @@ def group_rows(results, cell, extra=lambda g: []):
     return rows
 
 
-PROMPT_COLUMNS = ("task", "group", "#", "instruction", "accuracy", "PDR", "invalid")  # as PromptBench's tables
+PROMPT_COLUMNS = ("task", "group", "#", "instruction", "accuracy", "PDR", "invalid")  # PromptBench's columns
 
 
 def render_tables(results, per_prompt=True):
