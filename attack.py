@@ -139,6 +139,16 @@ def attack(instruction, kind, score, budget=200, seed=0, wordnet=False):
 # 2. Attacking a prompt file's clean instructions
 
 
+def attack_set(examples, drawn, kinds, n, seed=0):
+    """n of a task's examples that neither clean nor the attacks (`kinds`) are evaluated on (drawn: {group:
+    example indices}), picked by a Random(seed); a ValueError when none is left."""
+    taken = {i for group in ("clean", *kinds) for i in drawn.get(group, ())}
+    free = [i for i in range(len(examples)) if i not in taken]
+    if not free:
+        raise ValueError("no example is left for the attack set: lower --samples")
+    return [examples[i] for i in random.Random(f"attack:{seed}").sample(free, min(n, len(free)))]
+
+
 def run_attacks(kinds, clean, make_scorer, out_dir, budget=200, seed=0, wordnet=False):
     """Attack every clean instruction ({task: [...]}) with each kind, scored by make_scorer(task); write
     out_dir/prompts.json ({"clean": clean, kind: {task: [...]}}, the evaluator's shape) and

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attack import ATTACKS, run_attacks
+from attack import ATTACKS, attack_set, run_attacks
 from data import PROMPT_TEMPLATE
 from distributed import World, finish, gather_objects, start as start_world
 from files import read_json, read_jsonl, write_atomically
@@ -117,8 +117,8 @@ def draw_indices(protocol, task, size, n, seed, groups):
     return {group: rng.sample(range(size), min(n, size)) for group in groups}
 
 
-def load_or_draw_samples(path, sizes, groups, cfg):
-    """{task: {group: indices}}: those saved in `path`, new draws for the others; saved back."""
+def load_or_draw_samples(path, sizes, groups, cfg, save=True):
+    """{task: {group: indices}}: those saved in `path`, new draws for the others; saved back if `save`."""
     fresh = {"protocol": cfg.protocol, "seed": cfg.seed, "samples": cfg.samples, "tasks": {}}
     saved = json.loads(path.read_text()) if path.is_file() else fresh
     for flag in ("protocol", "seed", "samples"):
@@ -132,7 +132,9 @@ def load_or_draw_samples(path, sizes, groups, cfg):
                              "use another --out")
         drawn = draw_indices(cfg.protocol, task, size, cfg.samples, cfg.seed, groups)
         entry["indices"] = {**drawn, **entry["indices"]}  # the saved draws stay
-    write_atomically(path, json.dumps(saved))
+    if save:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(saved))
     return {task: saved["tasks"][task]["indices"] for task in sizes}
 
 
@@ -230,16 +232,6 @@ def margin_scorer(model, tokenizer, task, examples, cfg):
                    for row, ex in zip(rows, examples * len(texts))]
         return [mean(margins[i:i + len(examples)]) for i in range(0, len(margins), len(examples))]
     return score
-
-
-def attack_set(examples, drawn, cfg):
-    """cfg.attack_examples of a task's examples, none of them in clean's or an attack's samples (drawn)."""
-    taken = {i for group in ("clean", *cfg.attack.split(",")) for i in drawn[group]}
-    free = [i for i in range(len(examples)) if i not in taken]
-    if not free:
-        raise ValueError("no example is left for the attack set: lower --samples")
-    return [examples[i] for i in random.Random(f"attack:{cfg.seed}").sample(free, min(cfg.attack_examples,
-                                                                                        len(free)))]
 
 
 def predict(model, tokenizer, texts, task, cfg, on_batch=None):
@@ -419,11 +411,10 @@ def main(argv=None):
         model, tokenizer = load_model(run.base, run.dtype, run.device), load_tokenizer(run.base)
         if run.adapter:
             load_adapter(model, run.adapter)
-        run.out_dir.mkdir(parents=True, exist_ok=True)
         sizes = {task: len(data[task]) for task in run.tasks}
         # All groups are drawn, in CoIN's order, whatever --groups picks: a subset sees a full run's examples.
         groups = list(dict.fromkeys(DRAW_ORDER + tuple(run.prompt_set)))
-        samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, groups, cfg)
+        samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, groups, cfg, save=not cfg.attack)
         cells = plan_cells(run.prompt_set, run.tasks, run.groups)
         if cfg.hidden_report:  # every group on clean's examples: example i pairs with clean's example i
             task, texts = run.tasks[0], defaultdict(list)  # group -> its inputs, prompt-major (by cell order)
@@ -432,11 +423,13 @@ def main(argv=None):
                 texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
             hidden_report(model, tokenizer, task, dict(texts), len(examples), cfg.batch_size, run.out_dir)
             return
-        if cfg.attack:  # each task's attack set: examples that no group is scored on
-            clean = {task: instructions(run.prompt_set, "clean", task) for task in run.tasks}
-            return run_attacks(cfg.attack.split(","), clean, lambda task: margin_scorer(
-                model, tokenizer, task, attack_set(data[task], samples[task], cfg), cfg), run.out_dir,
-                cfg.attack_budget, cfg.seed)
+        if cfg.attack:  # each task's attack set: examples that neither clean nor the attacks are scored on
+            kinds = cfg.attack.split(",")
+            clean = {t: instructions(run.prompt_set, "clean", t) for t in run.tasks}
+            sets = {t: attack_set(data[t], samples[t], kinds, cfg.attack_examples, cfg.seed)
+                    for t in run.tasks}  # all checked before the first search starts
+            return run_attacks(kinds, clean, lambda t: margin_scorer(model, tokenizer, t, sets[t], cfg),
+                               run.out_dir, cfg.attack_budget, cfg.seed)
         results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run),
                            run.world)
     except (ValueError, FileNotFoundError) as e:
