@@ -71,9 +71,13 @@ class Synthetic(list):
 def build_models(args, device, dtype):
     """(ours with a fresh LoRA, the transformers model): the same random weights, stored once."""
     torch.manual_seed(0)
-    with torch.device(device):  # built in dtype: a 7B model in fp32 first would need 27 GB more
-        hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**hf_config(args)),
-                                                           dtype=dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype with any transformers; fp32 first would cost 27 GB
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(args)))
+    finally:
+        torch.set_default_dtype(default)
     with torch.device("meta"):
         ours = Llama(args)
     ours.load_state_dict(hf.state_dict(), assign=True)  # ours holds hf's tensors, not copies
