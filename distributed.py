@@ -15,6 +15,7 @@ coin.py divides each rank's loss by the step's groups over N: DDP's average then
 step's groups, as one process computes it. Rank 0 alone prints and writes metrics and checkpoints (the other
 ranks' stdout goes to /dev/null; `World.main` guards the writes).
 """
+import atexit
 import os
 import sys
 from contextlib import nullcontext
@@ -47,6 +48,9 @@ def start(device):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # A process that exits with its group alive can abort in the backend's threads (SIGABRT): on an error
+    # path too, leave the group at exit.
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     if dist.get_rank():
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; errors still reach stderr
     return World(dist.get_rank(), size), device

@@ -110,7 +110,7 @@ def test_gathered_rows_get_the_gradient_summed_over_processes(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(f"""import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(ROOT)!r})
-from distributed import World, gather_rows, start
+from distributed import World, finish, gather_rows, start
 world, _ = start("cpu")
 torch.manual_seed(0)
 every = torch.randn(5, 3)  # rank 0 holds rows 0..2, rank 1 rows 3..4
@@ -123,6 +123,7 @@ expected = (torch.arange(15.0).view(5, 3) * 3)[first:first + len(mine)]  # sum o
 assert torch.equal(rows.detach(), every) and first == (0 if world.rank == 0 else 3)
 assert torch.allclose(mine.grad, expected), (mine.grad, expected)
 open({str(tmp_path)!r} + f"/passed-{{world.rank}}", "w").close()
+finish(world)
 """)
     torchrun(script)  # fails if either process's assertions failed
     assert {p.name for p in tmp_path.glob("passed-*")} == {"passed-0", "passed-1"}
