@@ -36,8 +36,8 @@ import random
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from statistics import mean
 from pathlib import Path
+from statistics import mean
 
 import torch
 import torch.nn.functional as F
@@ -218,16 +218,22 @@ def rank_scores(model, prompts, continuations, pad_id):
     return scores.view(len(prompts), len(continuations)).cpu()  # (B, K)
 
 
+def label_scores(model, tokenizer, prompts, task, batch_size, on_batch=None):
+    """[(K,) log-likelihood of each of the task's label words] per prompt (ids), in length-sorted batches.
+    Each label is tokenized on its own: "positive" -> "▁positive", the piece that follows "Response:" and a
+    space. (Training puts the answer after "Response:\n", where it starts without "▁": data.py.)"""
+    label_ids = [tokenizer.encode(label, bos=False) for label in LABELS[task]]
+    return in_length_order(prompts, batch_size, lambda batch: rank_scores(model, batch, label_ids,
+                                                                           tokenizer.pad_id), on_batch)
+
+
 def margin_scorer(model, tokenizer, task, examples, cfg):
     """attack.py's score(instructions): per instruction, the mean over `examples` of log p(gold label) minus
     the largest log p of another label, every instruction x example scored in length-sorted batches."""
-    label_ids = [tokenizer.encode(label, bos=False) for label in LABELS[task]]
-
     def score(texts):
         prompts = [tokenizer.encode(build_input(text, ex["content"], cfg.format)) for text in texts
                    for ex in examples]
-        rows = in_length_order(prompts, cfg.batch_size, lambda batch: rank_scores(model, batch, label_ids,
-                                                                                   tokenizer.pad_id).tolist())
+        rows = [s.tolist() for s in label_scores(model, tokenizer, prompts, task, cfg.batch_size)]
         margins = [row[ex["label"]] - max(row[:ex["label"]] + row[ex["label"] + 1:])
                    for row, ex in zip(rows, examples * len(texts))]
         return [mean(margins[i:i + len(examples)]) for i in range(0, len(margins), len(examples))]
@@ -244,11 +250,7 @@ def predict(model, tokenizer, texts, task, cfg, on_batch=None):
         raws = [tokenizer.decode(ids) for ids in new]  # decode drops control ids, as skip_special_tokens does
         return [(raw, parse_answer(task, tokenizer.decode(prompt + ids), text, raw))
                 for prompt, ids, text, raw in zip(prompts, new, texts, raws)]
-    # Each label is tokenized on its own: "positive" -> "▁positive", the piece that follows "Response:" and
-    # a space. (Training puts the answer after "Response:\n", where it starts without "▁": data.py.)
-    label_ids = [tokenizer.encode(label, bos=False) for label in labels]
-    scores = in_length_order(prompts, cfg.batch_size, lambda batch: rank_scores(model, batch, label_ids,
-                                                                                 tokenizer.pad_id), on_batch)
+    scores = label_scores(model, tokenizer, prompts, task, cfg.batch_size, on_batch)
     return [(dict(zip(labels, s.tolist())), labels[int(s.argmax())]) for s in scores]  # s: (K,)
 
 
@@ -312,7 +314,8 @@ def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol, wor
         new = {k: cell_records(model, tokenizer, data, samples, cells[k], cfg, bar.update) for k in mine}
         for part in gather_objects(new, world):
             records.update(part)
-        write_outputs(out_dir, all_cells, records, protocol, world.main)  # a crash loses one round at most
+        if world.main:  # after every round: a crash loses one round at most
+            write_outputs(out_dir, all_cells, records, protocol)
     bar.close()
     return write_outputs(out_dir, all_cells, records, protocol, world.main)
 
