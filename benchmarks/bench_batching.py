@@ -33,7 +33,6 @@ import transformers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import coin  # noqa: E402
-from precision import resolve_precision  # noqa: E402
 from data import VIEWS, ContrastiveDataset, collate, epoch_steps  # noqa: E402
 from distributed import Forward, World  # noqa: E402
 from evaluate import build_input  # noqa: E402
@@ -41,6 +40,7 @@ from glue import load_task  # noqa: E402
 from hf_io import Tokenizer, hf_config  # noqa: E402
 from model import Llama, ModelArgs, apply_lora  # noqa: E402
 from official_coin import official_group_loss  # noqa: E402
+from precision import resolve_precision  # noqa: E402
 from prepare_data import build_examples, load_source, load_templates  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -104,29 +104,43 @@ def print_padding(dataset, tokenizer):
         print(f"  {mode:<17} input order {100 * shares[0]:.1f}%, length order (ours) {100 * shares[1]:.1f}%")
 
 
-def build_pair(args, device, dtype):
-    """(ours, peer): the same random base weights (shared, frozen), LoRA r 16 on q,k,v,o, dropout 0.05."""
+def build_models(args, device, dtype):
+    """(ours with a fresh LoRA r 16 on q,k,v,o, the transformers model): the same random weights, once."""
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(args))).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in dtype with any transformers; fp32 first would cost 27 GB at 7B
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(args)))
+    finally:
+        torch.set_default_dtype(default)
+    with torch.device("meta"):
         ours = Llama(args)
-    ours.load_state_dict(hf.state_dict(), assign=True)  # the same tensors, not a copy
+    ours.load_state_dict(hf.state_dict(), assign=True)  # ours holds hf's tensors, not copies
     apply_lora(ours, r=16, alpha=16, dropout=0.05)
     ours.grad_checkpointing = True
+    return ours.train(), hf
+
+
+def official_peer(hf):
+    """The transformers model with peft's LoRA (alpaca-lora's r 16 on q,k,v,o) and HF's checkpointing."""
     peer = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05,
                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                    task_type="CAUSAL_LM"))
     peer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return ours.to(device).train(), peer.train()
+    return peer
 
 
-def our_step(model, dataset, indices, by_length, device, dtype):
-    """coin.train_step on one micro-batch of examples (a step of 16 = one micro-batch at the default)."""
+def our_run(model, dataset, device, dtype, by_length=True):
+    """A coin.Run for coin.train_step at its defaults (in one process), --group-by-length as asked."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    cfg = coin.TrainConfig(group_by_length=by_length)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    loss = Forward(model, coin.micro_batch_loss)
-    run = coin.Run(cfg, model, dataset, optimizer, scaler, device, dtype, World(), loss)
+    return coin.Run(coin.TrainConfig(group_by_length=by_length), model, dataset, optimizer, scaler, device,
+                    dtype, World(), Forward(model, coin.micro_batch_loss))
+
+
+def our_step(run, indices):
+    """coin.train_step on one step of these examples (16 = one micro-batch at the default)."""
     return coin.train_step(run, *coin.step_batches(run, [indices]), 1e-4)
 
 
@@ -143,16 +157,23 @@ def official_step(peer, dataset, indices, dtype):
 
 
 def timed(fn, device):
+    """(seconds fn takes, peak GPU memory in GiB meanwhile; nan on a CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return time.perf_counter() - start, peak
 
 
 def print_speed(dataset, opts):
     device, dtype = resolve_precision(opts.device, opts.dtype)
-    ours, peer = build_pair(SHAPES[opts.shape], device, dtype)
+    ours, hf = build_models(SHAPES[opts.shape], device, dtype)
+    peer = official_peer(hf).train()
+    runs = {by_length: our_run(ours, dataset, device, dtype, by_length) for by_length in (True, False)}
     rng = random.Random(0)
     bucketed = [b for step in epoch_steps(dataset.groups, BATCH, MICRO_BATCH, 42, 0, True, dataset.lengths)
                 for b in step]
@@ -162,11 +183,11 @@ def print_speed(dataset, opts):
     tokens = {name: [] for name in seconds}
     for grouped, random_groups in picks:  # the first round warms up
         for name, indices, fn in (
-                ("coin.py defaults", grouped, lambda: our_step(ours, dataset, grouped, True, device, dtype)),
+                ("coin.py defaults", grouped, lambda: our_step(runs[True], grouped)),
                 ("coin.py --no-group-by-length", random_groups,
-                 lambda: our_step(ours, dataset, random_groups, False, device, dtype)),
+                 lambda: our_step(runs[False], random_groups)),
                 ("official style", grouped, lambda: official_step(peer, dataset, grouped, dtype))):
-            seconds[name].append(timed(fn, device))
+            seconds[name].append(timed(fn, device)[0])
             tokens[name].append(sum(len(dataset[i][view][0]) for i in indices for view in VIEWS))
     print(f"speed: {opts.shape} LLaMA, {device}, {str(dtype).split('.')[-1]}, gradient checkpointing, "
           f"steps of {MICRO_BATCH} examples, {opts.steps} timed after a warm-up; real tokens/s (median)")

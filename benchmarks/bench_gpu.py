@@ -21,20 +21,16 @@ import time
 import warnings
 from pathlib import Path
 
-import peft
 import torch
-import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 import coin  # noqa: E402
-from bench_batching import official_step  # noqa: E402
+from bench_batching import build_models, official_peer, official_step, our_run, timed  # noqa: E402
 from data import IGNORE_INDEX, VIEWS, epoch_steps  # noqa: E402
-from distributed import Forward, World  # noqa: E402
 from evaluate import generate_batched  # noqa: E402
-from hf_io import hf_config  # noqa: E402
 from memory import count_parameters, estimate_training_memory  # noqa: E402
-from model import Llama, ModelArgs, apply_lora  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from precision import resolve_precision  # noqa: E402
 
 SHAPES = {"7b": ModelArgs(), "small": ModelArgs(dim=768, n_layers=12, n_heads=12, intermediate_size=2048),
@@ -66,43 +62,6 @@ class Synthetic(list):
         ids = [1] + [rng.randrange(3, vocab_size) for _ in range(prompt + 2)]
         labels = [IGNORE_INDEX] * (prompt + 1) + ids[prompt + 1:]
         return torch.tensor(ids, dtype=torch.int32), torch.tensor(labels, dtype=torch.int32), len(ids) - 1
-
-
-def build_models(args, device, dtype):
-    """(ours with a fresh LoRA, the transformers model): the same random weights, stored once."""
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in dtype with any transformers; fp32 first would cost 27 GB
-    try:
-        with torch.device(device):
-            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(args)))
-    finally:
-        torch.set_default_dtype(default)
-    with torch.device("meta"):
-        ours = Llama(args)
-    ours.load_state_dict(hf.state_dict(), assign=True)  # ours holds hf's tensors, not copies
-    apply_lora(ours, r=16, alpha=16, dropout=0.05)
-    ours.grad_checkpointing = True
-    return ours.train(), hf
-
-
-def our_run(model, dataset, device, dtype):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return coin.Run(coin.TrainConfig(), model, dataset, optimizer, scaler, device, dtype, World(),
-                    Forward(model, coin.micro_batch_loss))
-
-
-def timed(fn, device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else float("nan")
-    return time.perf_counter() - start, peak
 
 
 def matmul_peak(device, dtype, n=8192, repeats=10):
@@ -182,10 +141,7 @@ def main():
     started = time.perf_counter()
     ours, hf = build_models(args, device, dtype)
     rows = memory_rows(ours, args, device, dtype)
-    peer = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05,
-                                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                                   task_type="CAUSAL_LM"))
-    peer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peer = official_peer(hf)
     rows += training_rows(ours, peer.train(), args, device, dtype, opts.steps)
     rows += evaluation_rows(ours, peer.eval(), args, device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
