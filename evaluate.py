@@ -218,11 +218,14 @@ def rank_scores(model, prompts, continuations, pad_id):
     return scores.view(len(prompts), len(continuations)).cpu()  # (B, K)
 
 
-def label_scores(model, tokenizer, prompts, task, batch_size, on_batch=None):
+def label_scores(model, tokenizer, prompts, task, batch_size, fmt="coin", on_batch=None):
     """[(K,) log-likelihood of each of the task's label words] per prompt (ids), in length-sorted batches.
-    Each label is tokenized on its own: "positive" -> "▁positive", the piece that follows "Response:" and a
-    space. (Training puts the answer after "Response:\n", where it starts without "▁": data.py.)"""
-    label_ids = [tokenizer.encode(label, bos=False) for label in LABELS[task]]
+    A label is scored as the tokens it is after the input: coin's input ends in "Response:", after which a
+    label is a word of its own ("positive" -> "▁positive"); train's ends in "Response:\n", after which
+    coin.py trained it as one string with the prompt, where it starts without "▁" (data.py)."""
+    cue = tokenizer.encode(build_input("", "", fmt), bos=False)
+    label_ids = [tokenizer.encode(build_input("", "", fmt) + label, bos=False)[len(cue):] if fmt == "train"
+                 else tokenizer.encode(label, bos=False) for label in LABELS[task]]
     return in_length_order(prompts, batch_size, lambda batch: rank_scores(model, batch, label_ids,
                                                                            tokenizer.pad_id), on_batch)
 
@@ -233,7 +236,8 @@ def margin_scorer(model, tokenizer, task, examples, cfg):
     def score(texts):
         prompts = [tokenizer.encode(build_input(text, ex["content"], cfg.format)) for text in texts
                    for ex in examples]
-        rows = [s.tolist() for s in label_scores(model, tokenizer, prompts, task, cfg.batch_size)]
+        scores = label_scores(model, tokenizer, prompts, task, cfg.batch_size, cfg.format)
+        rows = [s.tolist() for s in scores]
         margins = [row[ex["label"]] - max(row[:ex["label"]] + row[ex["label"] + 1:])
                    for row, ex in zip(rows, examples * len(texts))]
         return [mean(margins[i:i + len(examples)]) for i in range(0, len(margins), len(examples))]
@@ -250,7 +254,7 @@ def predict(model, tokenizer, texts, task, cfg, on_batch=None):
         raws = [tokenizer.decode(ids) for ids in new]  # decode drops control ids, as skip_special_tokens does
         return [(raw, parse_answer(task, tokenizer.decode(prompt + ids), text, raw))
                 for prompt, ids, text, raw in zip(prompts, new, texts, raws)]
-    scores = label_scores(model, tokenizer, prompts, task, cfg.batch_size, on_batch)
+    scores = label_scores(model, tokenizer, prompts, task, cfg.batch_size, cfg.format, on_batch)
     return [(dict(zip(labels, s.tolist())), labels[int(s.argmax())]) for s in scores]  # s: (K,)
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import evaluate
 import perturb
 import report
+from data import IGNORE_INDEX, tokenize_view
 from glue import LABELS, TASKS, load_task
 from hf_io import Tokenizer, load_model, load_tokenizer, save_adapter
 from model import apply_lora, generate
@@ -274,6 +275,20 @@ def test_rank_scores_equal_the_log_likelihood_of_each_row_alone(stories_dir):
             logp = F.log_softmax(model(torch.tensor([p + c])), dim=-1)[0]  # (T, V)
             expected = sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c))
             assert scores[b, k].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_rank_mode_in_train_format_scores_the_labels_as_coin_py_trained_them(stories_dir):
+    """After "Response:\n" coin.py trained a label as one string with the prompt, without a leading "▁"
+    (data.py): rank mode with --format train scores exactly those tokens."""
+    model, tok = load_model(stories_dir), load_tokenizer(stories_dir)
+    text = evaluate.build_input("Is the review positive or negative?", "What a fine film.", "train")
+    scores = evaluate.label_scores(model, tok, [tok.encode(text)], "sst2", 8, "train")[0]  # (K,)
+    for k, label in enumerate(LABELS["sst2"]):
+        ids, labels, _ = tokenize_view(tok, text, label)
+        assert ids[len(tok.encode(text)):] != tok.encode(label, bos=False)  # a word of its own differs
+        logp = F.log_softmax(model(torch.tensor([ids])), dim=-1)[0]  # (T, V)
+        expected = sum(logp[t - 1, ids[t]] for t in range(len(ids)) if labels[t] != IGNORE_INDEX)
+        assert scores[k].item() == pytest.approx(expected.item(), abs=1e-4)
 
 
 # -----------------------------------------------------------------------------
