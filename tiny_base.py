@@ -33,10 +33,10 @@ def train_tokenizer(texts, vocab_size):
     return model_bytes.getvalue()
 
 
-def build_tiny_base(examples, seed):
-    """Write the tiny base to a scratch folder, a TemporaryDirectory: it is deleted when dropped, so a run
-    refused after this leaves nothing behind. Deterministic per seed."""
-    args = read_model_args(TINY_CONFIG)
+def build_tiny_base(examples, seed, args=None):
+    """Write the tiny base (or a random LLaMA of `args`) to a scratch folder, a TemporaryDirectory: it is
+    deleted when dropped, so a run refused after this leaves nothing behind. Deterministic per seed."""
+    args = args or read_model_args(TINY_CONFIG)
     scratch = tempfile.TemporaryDirectory(prefix="coin-tiny-base-", ignore_cleanup_errors=True)
     folder = Path(scratch.name)
     texts = [text for e in examples for text in (e.original, e.paraphrase, e.target)]
