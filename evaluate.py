@@ -50,7 +50,7 @@ from files import read_json, read_jsonl, write_atomically
 from flags import COUNT, SEED, choose, comma_list_of, opt, parse_flags, up_to
 from glue import ANSWERS, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
-from model import generate
+from model import generate, prefill
 from precision import DTYPES, resolve_precision
 from report import hidden_report, render_tables, summarize
 
@@ -202,20 +202,20 @@ def generate_batched(model, prompts, batch_size, max_new_tokens, eos_id, pad_id,
 def rank_scores(model, prompts, continuations, pad_id):
     """(B, K) log-likelihood of each continuation (ids) after each prompt (ids).
 
-    One forward of R = B*K rows. Token j of a continuation is predicted at position len(prompt) - 1 + j; only
-    those M positions go through lm_head. The rows are right-padded: every pad follows every real token, so
-    causal attention alone is exact and no mask is needed (model.Llama's docstring).
+    The prompts run once (model.prefill: their shared prefix once); their cache is copied for each of the K
+    continuations, and the R = B*K continuation rows (right-padded to M tokens) run through it. Token j of
+    a continuation is predicted by the state before it: the prompt's last one for j = 0, else token j - 1.
     """
-    pairs = [(p, c) for p in prompts for c in continuations]  # row b*K + k: prompt b, then label k
-    width, device = max(len(p) + len(c) for p, c in pairs), model.lm_head.weight.device
-    padded = [p + c + [pad_id] * (width - len(p) - len(c)) for p, c in pairs]
-    ids = torch.tensor(padded, device=device)  # (R, T)
-    where = [(r, len(p) - 1 + j, tok) for r, (p, c) in enumerate(pairs) for j, tok in enumerate(c)]
-    row, pos, target = (torch.tensor(x, device=device) for x in zip(*where))  # (M,) each
-    hidden = model.hidden_states(ids)[row, pos]  # (R, T, D) -> (M, D)
-    logp = F.log_softmax(model.lm_head(hidden).float(), dim=-1).gather(1, target[:, None])[:, 0]  # (M,)
-    scores = torch.zeros(len(pairs), device=device).index_add_(0, row, logp)  # (R,): summed over each label
-    return scores.view(len(prompts), len(continuations)).cpu()  # (B, K)
+    K, M, device = len(continuations), max(map(len, continuations)), model.lm_head.weight.device
+    cache, last = prefill(model, prompts, M, pad_id)  # last (B, 1, D)
+    cache.repeat_rows(K)  # row b*K + k: prompt b, then continuation k
+    ids = torch.tensor([c + [pad_id] * (M - len(c)) for c in continuations] * len(prompts), device=device)
+    real = torch.tensor([[j < len(c) for j in range(M)] for c in continuations] * len(prompts), device=device)
+    hidden = last.repeat_interleave(K, 0)  # (R, 1, D)
+    if M > 1:  # the continuations' own states predict their next tokens: (R, M, D)
+        hidden = torch.cat([hidden, model.hidden_states(ids[:, :-1], real[:, :-1].long(), cache)], 1)
+    logp = F.log_softmax(model.lm_head(hidden).float(), dim=-1).gather(-1, ids[..., None])[..., 0]  # (R, M)
+    return (logp * real).sum(1).view(len(prompts), K).cpu()  # (B, K): pads add nothing
 
 
 def label_scores(model, tokenizer, prompts, task, batch_size, fmt="coin", on_batch=None):

@@ -128,6 +128,11 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
 
+    def repeat_rows(self, times):
+        """Copy each row's slots `times` times, in place: row b becomes rows b*times .. b*times + times-1."""
+        self.k, self.v = self.k.repeat_interleave(times, 1), self.v.repeat_interleave(times, 1)
+        self.key_mask = self.key_mask.repeat_interleave(times, 0)
+
     def update(self, layer, pos, k, v):
         """Store k, v (B, Hk, T, Hd) at slots pos..pos+T;
         return the filled prefix (B, Hk, pos+T, Hd) of each."""
@@ -400,25 +405,24 @@ def merge_lora(model):
 # 10. Generation: batched greedy decoding with a KV cache
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0):
-    """Greedy continuations of `prompts` (lists of token ids, any lengths). Returns the new ids of each row.
+def prefill(model, prompts, room, pad_id=0):
+    """Run `prompts` (lists of token ids, any lengths) into a KV cache with `room` free slots after them.
+    Returns (cache, hidden (B, 1, D): the final-norm state at each prompt's last token).
 
     The prompts' common prefix (an evaluation batch shares its instruction) runs once, and its keys and
     values are copied into every row's cache. The rest of each prompt is left-padded after it, so every
     row's next token sits in the same (last) slot: pads in the middle are harmless, as positions count
-    real slots only and the mask hides pads. The prefill computes logits for that last slot only; each
-    later step feeds one token per row through the cache. A row stops after producing eos_id (kept in
-    its output), or after max_new_tokens.
+    real slots only and the mask hides pads.
     """
     if not prompts or not all(prompts):
-        raise ValueError("generate needs at least one prompt, and no empty prompt (start each with BOS)")
+        raise ValueError("prefill needs at least one prompt, and no empty prompt (start each with BOS)")
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     shortest = min(map(len, prompts))
     P = next((j for j, ids in enumerate(zip(*prompts)) if len(set(ids)) > 1), shortest)
     P = min(P, shortest - 1)  # each row keeps at least one token of its own, to predict from
     tails = [list(p[P:]) for p in prompts]
     width = max(map(len, tails))
-    cache = KVCache(model.args, len(prompts), P + width + max_new_tokens, dtype, device)
+    cache = KVCache(model.args, len(prompts), P + width + room, dtype, device)
     if P:
         shared = KVCache(model.args, 1, P, dtype, device)
         model.hidden_states(torch.tensor([prompts[0][:P]], device=device), None, shared)
@@ -427,7 +431,18 @@ def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0):
         cache.key_mask[:, :P], cache.length = True, P
     ids = torch.tensor([[pad_id] * (width - len(t)) + t for t in tails], device=device)     # (B, T)
     mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)  # (B, T)
-    hidden = model.hidden_states(ids, mask, cache)[:, -1:]  # (B, 1, D): only the last slot needs logits
+    return cache, model.hidden_states(ids, mask, cache)[:, -1:]  # only the last slot is needed
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0):
+    """Greedy continuations of `prompts` (lists of token ids, any lengths). Returns the new ids of each row.
+
+    `prefill` runs the prompts, computing logits for the last slot only; each later step feeds one token
+    per row through the cache. A row stops after producing eos_id (kept in its output), or after
+    max_new_tokens.
+    """
+    cache, hidden = prefill(model, prompts, max_new_tokens, pad_id)  # hidden (B, 1, D)
     outputs, done = [[] for _ in prompts], [False] * len(prompts)
     for step in range(max_new_tokens):
         next_ids = model.lm_head(hidden)[:, -1].argmax(-1)  # (B,)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from files import write_atomically
 from glue import CATEGORIES, TASKS
-from model import pool_last_token
+from model import prefill
 
 # -----------------------------------------------------------------------------
 # 1. Aggregation: accuracy per cell, mean and std per task x group, consistency, averages
@@ -173,18 +173,16 @@ def compare_tables(dir_a, dir_b):
 
 @torch.no_grad()
 def last_token_states(model, tokenizer, texts, batch_size):
-    """(N, D) fp32: the final-norm hidden state at each text's last token,
-    the one that predicts the answer."""
-    states, device = [], model.lm_head.weight.device
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer.encode(t, bos=True) for t in texts[start:start + batch_size]]
-        width = max(map(len, ids))
-        padded = torch.tensor([x + [tokenizer.pad_id] * (width - len(x)) for x in ids],
-                              device=device)  # (B, T)
-        hidden = model.hidden_states(padded)  # (B, T, D); right padding needs no mask
-        last = torch.tensor([len(x) - 1 for x in ids], device=device)  # (B,)
-        states.append(pool_last_token(hidden, last).float().cpu())
-    return torch.cat(states)
+    """(N, D) fp32: the final-norm hidden state at each text's last token, the one that predicts the answer.
+    Texts of similar length share a batch (little padding), each run by model.prefill."""
+    ids = [tokenizer.encode(t, bos=True) for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), ids[i]))  # equal lengths: alike prefixes
+    states = torch.zeros(len(ids), model.args.dim)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        _, hidden = prefill(model, [ids[i] for i in rows], 0, tokenizer.pad_id)  # (B, 1, D)
+        states[rows] = hidden[:, 0].float().cpu()
+    return states
 
 
 def pca_2d(states):
