@@ -10,7 +10,7 @@ tasks it scores, and prepare_data.py how FLAN renders a GLUE row. Read it beside
     FLAN_LAYOUTS  FLAN dataset -> how FLAN's templates name a HF glue row's fields and answers
     is_instruction_table  the shape of one group of a prompt file, {task: [instruction, ...]}
     load_task     a task's validation examples from <task>.jsonl files, the GLUE download script's TSV files,
-                  or the HF `datasets` package when it is installed
+                  or the HF `datasets` package when it is installed; labelled_rows: a <task>.jsonl's rows
 
 Next: read `evaluate.py`.
 """
@@ -192,6 +192,17 @@ def hf_validation_rows(task):
     return rows
 
 
+def example(task, row, where):
+    """{content, label} of one row: its fields laid out as CoIN does, its label id; errors name `where`."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: not a JSON object; GLUE-layout files hold one row object per line")
+    try:
+        content = CONTENT[task].format(**row)
+    except KeyError as e:
+        raise ValueError(f"{where}: no field {e} (HF glue names: {CONTENT[task]})") from None
+    return {"content": content, "label": label_id(task, row.get("label"), where)}
+
+
 def load_task(task, glue_dir=""):
     """`task`'s validation examples [{content, label}], in file order (mnli: matched, then mismatched)."""
     if not glue_dir:
@@ -200,13 +211,16 @@ def load_task(task, glue_dir=""):
         rows = []
         for path, part in task_files(Path(glue_dir), task):
             rows += read_jsonl_rows(path) if path.suffix == ".jsonl" else read_tsv(path, part)
-    examples = []
-    for where, row in rows:
-        try:
-            content = CONTENT[task].format(**row)
-        except KeyError as e:
-            raise ValueError(f"{where}: no field {e} (HF glue names: {CONTENT[task]})") from None
-        examples.append({"content": content, "label": label_id(task, row.get("label"), where)})
-    if not examples:
+    if not rows:
         raise ValueError(f"{task}: the validation set is empty")
-    return examples
+    return [example(task, row, where) for where, row in rows]
+
+
+def labelled_rows(path, task):
+    """The rows of a GLUE-layout <task>.jsonl file (HF glue's fields and label), each checked by example."""
+    rows = read_jsonl_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for where, row in rows:
+        example(task, row, where)  # an error at the first bad row
+    return [row for _, row in rows]
