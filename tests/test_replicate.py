@@ -1,0 +1,170 @@
+"""Tests for replicate.py, comparison.py and toy_data.py: disjoint rows, the whole run in miniature, resume,
+the report's structure, the toy data rebuilt byte for byte, and one-line errors for bad input."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import comparison
+import replicate
+import toy_data
+from conftest import ROOT, write_jsonl
+from data import load_examples
+
+TOY = ROOT / "examples" / "toy_glue"
+# A run small enough for a test: one layer, few steps, few rows; the shipped toy data and prompt file.
+TINY = ["--dim", "32", "--layers", "1", "--vocab", "400", "--base-steps", "4", "--tune-steps", "2",
+        "--eval-rows", "6", "--base-rows", "200", "--tune-groups", "20", "--batch-size", "8"]
+
+
+def run(out, *flags):
+    replicate.main(["--out", str(out), *TINY, *flags])
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("replicate")
+    return out, run(out, "--seeds", "3")
+
+
+def texts_of(path):
+    return {json.loads(line)["sentence"] for line in Path(path).read_text().splitlines()}
+
+
+# -----------------------------------------------------------------------------
+# Rows: training and evaluation never overlap
+
+
+@pytest.mark.parametrize("eval_dir", [False, True])
+def test_training_and_evaluation_rows_never_overlap(tmp_path, eval_dir):
+    flags = dict(train_dir=str(TOY), eval_rows=50, base_rows=300, tune_groups=40)
+    if eval_dir:  # an evaluation dir that shares rows with the training split
+        (tmp_path / "held").mkdir()
+        lines = (TOY / "sst2.jsonl").read_text().splitlines()[:30]
+        (tmp_path / "held" / "sst2.jsonl").write_text("\n".join(lines) + "\n")
+        flags["eval_dir"] = str(tmp_path / "held")
+    cfg = replicate.ReplicateConfig(tasks="sst2", out=str(tmp_path / "run"), **flags)
+    parts = replicate.split_rows(cfg, "sst2")
+    texts = {name: [r["sentence"] for r in rows] for name, rows in parts.items()}
+    assert len(texts["eval"]) == (30 if eval_dir else 50) and len(texts["base"]) == 300
+    assert len(texts["tune"]) == 80
+    for a, b in (("eval", "base"), ("eval", "tune"), ("base", "tune")):
+        assert not set(texts[a]) & set(texts[b]), (a, b)
+    # and in the files the run trains on: no evaluated sentence is inside any rendered instruction
+    _, _, templates, _, split = replicate.check(cfg)
+    assert split["sst2"] == parts
+    replicate.build_data(cfg, split, templates, tmp_path / "data")
+    evaluated = texts_of(tmp_path / "data" / "eval" / "sst2.jsonl")
+    for name in ("base", "tune"):
+        examples, _ = load_examples(tmp_path / "data" / f"{name}.jsonl")
+        assert examples and not any(s in e.original or s in e.paraphrase for e in examples for s in evaluated)
+
+
+def test_the_split_is_the_same_for_every_seed_and_run(tmp_path):
+    cfg = replicate.ReplicateConfig(tasks="cola", out=str(tmp_path), eval_rows=20, base_rows=100,
+                                    tune_groups=10)
+    assert replicate.split_rows(cfg, "cola") == replicate.split_rows(cfg, "cola")
+
+
+# -----------------------------------------------------------------------------
+# The whole run in miniature
+
+
+def test_report_has_every_arm_group_and_task_and_paired_differences(tiny_run):
+    out, report = tiny_run
+    groups = ["seen template", "clean", "deepwordbug", "textfooler", "checklist", "semantic"]
+    assert report["groups"] == groups and report["tasks"] == ["sst2", "cola"] and report["seeds"] == [3]
+    for arm in ("continual", "coin"):
+        body = report["arms"][arm]
+        for g in groups:
+            assert 0 <= body["groups"][g]["mean"] <= 100 and body["groups"][g]["std"] >= 0
+            assert all(0 <= body["tasks"][t][g]["mean"] <= 100 for t in report["tasks"])
+            assert 0 <= body["consistency"][g] <= 100
+        assert set(body["hidden_cosine_to_clean"]) == set(groups) - {"seen template", "clean"}
+    for g in groups:  # one seed: a difference and no interval
+        diff = report["coin_minus_continual"][g]["mean"]
+        coin, continual = (report["arms"][a]["groups"][g]["mean"] for a in ("coin", "continual"))
+        assert diff["ci95"] is None and diff["mean"] == pytest.approx(coin - continual)
+    text = (out / "report.md").read_text()
+    assert "CoIN - continual" in text and "seen template" in text and "Wall time" in text
+    assert "Training, first -> last step" in text
+    training = {arm: report["arms"][arm]["training"] for arm in ("continual", "coin")}
+    assert training["continual"]["ctr_first"] == 0 and training["coin"]["ctr_first"] > 0
+
+
+def test_the_two_arms_differ_in_the_contrastive_term_alone(tiny_run):
+    out, _ = tiny_run
+    arms = ("continual", "coin")
+    configs = {arm: json.loads((out / "seed3" / arm / "config.json").read_text()) for arm in arms}
+    differing = {k for k in configs["coin"] if configs["coin"][k] != configs["continual"][k]}
+    assert differing == {"contrastive", "out"} and configs["coin"]["contrastive"]
+    assert configs["coin"]["base"] == str((out / "base").resolve()) and configs["coin"]["seed"] == 3
+    lines = {arm: (out / "seed3" / arm / "metrics.jsonl").read_text().splitlines() for arm in arms}
+    metrics = {arm: [json.loads(line) for line in lines[arm]] for arm in arms}
+    assert all(m["ctr"] == 0 for m in metrics["continual"]) and all(m["ctr"] > 0 for m in metrics["coin"])
+    # the same base, data and steps: the first step's generation loss is the same in both arms
+    assert metrics["coin"][0]["gen"] == pytest.approx(metrics["continual"][0]["gen"], rel=1e-6)
+    assert len(metrics["coin"]) == len(metrics["continual"]) == 2
+
+
+def test_a_rerun_resumes_from_the_stages_already_done(tiny_run, capsys):
+    out, report = tiny_run
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if not p.name.startswith("report")}
+    again = run(out, "--seeds", "3")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
+    assert again["arms"] == report["arms"]
+
+
+def test_intervals_over_seeds_are_students_t():
+    values = [1.0, 2.0, 4.0]
+    out = comparison.interval(values)
+    half = 4.303 * math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2) / math.sqrt(3)
+    assert out["mean"] == pytest.approx(7 / 3) and out["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half])
+    assert comparison.interval([2.0])["ci95"] is None
+
+
+# -----------------------------------------------------------------------------
+# The toy data and bad input
+
+
+def test_toy_data_is_rebuilt_byte_for_byte(tmp_path):
+    toy_data.main(["--out", str(tmp_path), "--rows", "3000", "--seed", "0"])
+    for task in ("sst2", "cola"):
+        assert (tmp_path / f"{task}.jsonl").read_bytes() == (TOY / f"{task}.jsonl").read_bytes()
+
+
+def test_toy_labels_follow_their_rules():
+    rows = [json.loads(line) for line in (TOY / "sst2.jsonl").read_text().splitlines()]
+    for row in rows[:300]:
+        main = row["sentence"].split(", ")[-1]  # "although A, B": B decides
+        positive = any(w in main.split() for w in toy_data.POSITIVE)
+        assert positive == (row["label"] == 1), row
+    cola = [json.loads(line) for line in (TOY / "cola.jsonl").read_text().splitlines()]
+    assert 0.4 < sum(r["label"] for r in cola) / len(cola) < 0.6
+
+
+def bad_cases(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unlabelled").mkdir()
+    write_jsonl(tmp_path / "unlabelled" / "sst2.jsonl", [{"sentence": "a fine film", "label": -1}])
+    (tmp_path / "other.json").write_text(json.dumps({"rte": [["{premise}", "{answer}"]]}))
+    return [
+        (["--train-dir", str(tmp_path / "empty")], "empty/sst2.jsonl: no sst2 split in --train-dir"),
+        (["--eval-dir", str(tmp_path / "unlabelled"), "--tasks", "sst2"],
+         "unlabelled/sst2.jsonl:1: no label (-1)"),
+        (["--tasks", "mrpc"], "--tasks: mrpc is out of range: it must be a comma list of sst2, cola"),
+        (["--seeds", "1,1"], "argument --seeds: 1,1 is out of range"),
+        (["--templates", str(tmp_path / "other.json")], "other.json: no templates for 'sst2'"),
+        (["--eval-rows", "5000"], "leave fewer than 100 for the base"),
+    ]
+
+
+def test_bad_input_gives_a_one_line_error_before_any_work(tmp_path):
+    for flags, message in bad_cases(tmp_path):
+        with pytest.raises(SystemExit) as error:
+            replicate.main(["--out", str(tmp_path / "run"), *flags])
+        text = str(error.value)
+        assert text.startswith("error: ") and message in text and "\n" not in text, (flags, text)
+        assert not (tmp_path / "run").exists()
