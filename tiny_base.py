@@ -1,12 +1,12 @@
-"""tiny_base.py: the base model of the CPU quickstart:
-a tiny random LLaMA and a tokenizer trained on the data.
+"""tiny_base.py: a tiny random LLaMA and a tokenizer trained on the data: the base of `coin.py --tiny`,
+and the starting point of replicate.py's base.
 
 A support module: `python coin.py --tiny` calls it when no --base is given, so the whole pipeline runs on a
 laptop with no download. It writes a HF directory (config.json, model.safetensors, tokenizer.model) that the
 rest of coin loads like any downloaded model. Read it after coin.py.
 
-A random model learns little in a few minutes, so with this base the pipeline runs
-but the scores mean nothing.
+A random model learns little in a few minutes, so with this base alone the pipeline runs but the scores mean
+nothing: replicate.py instruction-tunes it in full first.
 """
 import io
 import shutil

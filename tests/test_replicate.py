@@ -117,6 +117,38 @@ def test_a_rerun_resumes_from_the_stages_already_done(tiny_run, capsys):
     assert again["arms"] == report["arms"]
 
 
+def test_the_plot_draws_both_arms_per_group_or_is_skipped_without_matplotlib(tiny_run, monkeypatch):
+    _, report = tiny_run
+    drawn = []
+
+    class Axes:  # records what save_plot draws: matplotlib is an optional extra
+        def bar(self, x, heights, width, yerr, capsize, label):
+            drawn.append((label, heights, yerr))
+
+        def set_xticks(self, ticks, labels, rotation):
+            assert labels == report["groups"]
+
+        def set(self, **labels):
+            pass
+
+        def legend(self):
+            pass
+
+    class Pyplot:
+        def subplots(self, figsize):
+            return None, Axes()
+
+    monkeypatch.setattr(comparison, "save_figure", lambda plt, fig, path: path)
+    monkeypatch.setattr(comparison, "pyplot", lambda: Pyplot())
+    assert comparison.save_plot(report, Path("report.png")) == Path("report.png")
+    assert [label for label, _, _ in drawn] == ["continual", "coin"]
+    groups = report["arms"]["coin"]["groups"]
+    assert drawn[1][1] == [groups[g]["mean"] for g in report["groups"]]
+    assert drawn[1][2] == [groups[g]["std"] for g in report["groups"]]
+    monkeypatch.setattr(comparison, "pyplot", lambda: None)
+    assert comparison.save_plot(report, Path("report.png")) is None
+
+
 def test_intervals_over_seeds_are_students_t():
     values = [1.0, 2.0, 4.0]
     out = comparison.interval(values)
