@@ -9,7 +9,7 @@ import pytest
 import comparison
 import replicate
 import toy_data
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, shared, write_jsonl
 from data import load_examples
 
 TOY = ROOT / "examples" / "toy_glue"
@@ -60,6 +60,16 @@ def test_training_and_evaluation_rows_never_overlap(tmp_path, eval_dir):
     for name in ("base", "tune"):
         examples, _ = load_examples(tmp_path / "data" / f"{name}.jsonl")
         assert examples and not any(s in e.original or s in e.paraphrase for e in examples for s in evaluated)
+
+
+def test_the_real_sst2_split_of_the_readme_run_is_disjoint(tmp_path):
+    train_dir = shared("glue", "train")
+    cfg = replicate.ReplicateConfig(train_dir=str(train_dir), tasks="sst2", out=str(tmp_path),
+                                    eval_rows=300, base_rows=30000, tune_groups=1000)
+    parts = replicate.split_rows(cfg, "sst2")
+    texts = {name: {r["sentence"] for r in rows} for name, rows in parts.items()}
+    assert [len(texts[n]) for n in ("eval", "tune", "base")] == [300, 2000, 30000]
+    assert not (texts["eval"] & texts["tune"] or texts["eval"] & texts["base"] or texts["tune"] & texts["base"])
 
 
 def test_the_split_is_the_same_for_every_seed_and_run(tmp_path):
