@@ -69,7 +69,8 @@ def test_the_real_sst2_split_of_the_readme_run_is_disjoint(tmp_path):
     parts = replicate.split_rows(cfg, "sst2")
     texts = {name: {r["sentence"] for r in rows} for name, rows in parts.items()}
     assert [len(texts[n]) for n in ("eval", "tune", "base")] == [300, 2000, 30000]
-    assert not (texts["eval"] & texts["tune"] or texts["eval"] & texts["base"] or texts["tune"] & texts["base"])
+    for a, b in (("eval", "tune"), ("eval", "base"), ("tune", "base")):
+        assert not texts[a] & texts[b], (a, b)
 
 
 def test_the_split_is_the_same_for_every_seed_and_run(tmp_path):
