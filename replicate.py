@@ -60,7 +60,8 @@ class ReplicateConfig:
     templates: str = opt(str(TOY / "templates.json"), "training instruction templates (prepare_data.py)")
     eval_dir: str = opt("", "GLUE-layout evaluation files; empty: rows held out of --train-dir")
     prompts: str = opt(str(DEFAULT_PROMPTS), "unseen instructions to score, {group: {task: [...]}}")
-    tasks: str = opt("sst2,cola", "comma list of tasks", valid=comma_list_of(FLAN_NAME))
+    tasks: str = opt("sst2,cola", "comma list of tasks", valid=(comma_list_of(FLAN_NAME)[0], "a comma list "
+                     "of sst2, cola: the tasks whose templates answer with GLUE's label words"))
     seeds: str = opt("0,1,2", "one pair of adapters per seed", valid=SEEDS)
     out: str = opt("runs/replicate", "output dir")
     eval_rows: int = opt(60, "rows per task evaluated: held out, or drawn from --eval-dir", valid=COUNT)

@@ -197,7 +197,7 @@ def bad_cases(tmp_path):
         (["--train-dir", str(tmp_path / "empty")], "empty/sst2.jsonl: no sst2 split in --train-dir"),
         (["--eval-dir", str(tmp_path / "unlabelled"), "--tasks", "sst2"],
          "unlabelled/sst2.jsonl:1: no label (-1)"),
-        (["--tasks", "mrpc"], "--tasks: mrpc is out of range: it must be a comma list of sst2, cola"),
+        (["--tasks", "mrpc"], "--tasks: mrpc is out of range: it must be a comma list of sst2, cola: the"),
         (["--seeds", "1,1"], "argument --seeds: 1,1 is out of range"),
         (["--templates", str(tmp_path / "other.json")], "other.json: no templates for 'sst2'"),
         (["--eval-rows", "5000"], "leave fewer than 100 for the base"),
