@@ -37,16 +37,11 @@ def interval(values):
     return dict(mean=m, ci95=[m - half, m + half], per_seed=values)
 
 
-def groups_of(results):
-    """The groups of one run's results, in table order."""
-    return list(results["averages"]["pooled"])
-
-
 def combine(scores, seeds):
     """report.json's content from {(seed, arm): results}: per arm the seed-averaged accuracies, consistency
     and hidden similarity; per group the paired differences CoIN - continual."""
     first = scores[seeds[0], ARMS[0]]
-    groups, tasks = groups_of(first), list(first["summary"])
+    groups, tasks = list(first["averages"]["pooled"]), list(first["summary"])  # in table order
     arms = {}
     for arm in ARMS:
         runs = [scores[s, arm] for s in seeds]
@@ -59,6 +54,7 @@ def combine(scores, seeds):
             hidden_cosine_to_clean={g: mean(r["hidden_cosine_to_clean"][g] for r in runs)
                                     for g in first["hidden_cosine_to_clean"]},
             training={k: mean(r["training"][k] for r in runs) for k in first["training"] if k != "seconds"})
+
     def paired(pick):  # CoIN - continual of pick(results), per seed, with its interval
         return interval([pick(scores[s, "coin"]) - pick(scores[s, "continual"]) for s in seeds])
     difference = {g: {k: paired(lambda r: r["averages"]["pooled"][g][k]) for k in ("mean", "std")}

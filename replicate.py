@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-from comparison import write_report
+from comparison import ARMS, write_report
 from coin import TrainConfig, learning_rate, micro_batch_loss, train
 from data import PROMPT_TEMPLATE, ContrastiveDataset, collate, epoch_steps, load_examples
 from evaluate import DEFAULT_PROMPTS, EvalConfig, build_input, cell_records, load_prompt_set, plan_cells
 from evaluate import predict
 from files import read_json, write_atomically
 from flags import COUNT, POSITIVE, comma_list_of, opt, parse_flags
-from glue import CONTENT, LABELS, flan_row, label_id, labelled_rows, load_task
+from glue import CONTENT, LABELS, example, flan_row, label_id, labelled_rows
 from hf_io import load_adapter, load_model, load_tokenizer, save_model
 from model import ModelArgs, merge_lora
 from prepare_data import build_examples, load_templates, render, write_examples
@@ -45,7 +45,6 @@ TOY = Path(__file__).resolve().parent / "examples" / "toy_glue"  # toy_data.py's
 # task -> its template dataset. The prompt file's instructions ask for GLUE's label words, which only these
 # tasks' FLAN templates answer with (negative / positive, unacceptable / acceptable; the others: yes / no).
 FLAN_NAME = {"sst2": "sst2", "cola": "cola"}
-ARMS = ("continual", "coin")
 SEEN = "seen template"  # the group of training templates: can the model do the task at all?
 SEEDS = (lambda v: all(s.isdigit() for s in v.split(",")) and len(set(v.split(","))) == len(v.split(",")),
          "a comma list of distinct seeds, e.g. 0,1,2")
@@ -228,7 +227,7 @@ def score_arm(cfg, base, adapter, tasks, templates, prompt_set):
     merge_lora(model)  # the same scores (tests/test_lora.py), without the adapter's extra matmuls
     ecfg = EvalConfig(mode="rank", format="train", batch_size=cfg.eval_batch_size)
     rows = {t: labelled_rows(eval_dir / f"{t}.jsonl", t) for t in tasks}
-    data = {t: load_task(t, eval_dir) for t in tasks}  # [{content, label}], as evaluate.py reads them
+    data = {t: [example(t, r, t) for r in rows[t]] for t in tasks}  # [{content, label}], as load_task's
     samples = {t: {g: list(range(len(rows[t]))) for g in prompt_set} for t in tasks}  # every group, every row
     cells, records = {}, {}
     for t in tasks:  # task by task: the seen templates, then the prompt file's groups
