@@ -160,6 +160,26 @@ def test_the_plot_draws_both_arms_per_group_or_is_skipped_without_matplotlib(tin
     assert comparison.save_plot(report, Path("report.png")) is None
 
 
+def test_a_rerun_with_other_settings_or_a_file_as_out_is_refused(tiny_run, tmp_path):
+    out, _ = tiny_run
+    with pytest.raises(SystemExit, match="replicate.json: made with other settings; give another --out"):
+        run(out, "--seeds", "4")
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="a file, not a directory"):
+        run(tmp_path / "a_file")
+
+
+def test_an_interrupted_adapter_stops_the_run_and_is_not_marked_trained(tmp_path, monkeypatch):
+    def interrupted(cfg):  # coin.train after Ctrl-C: a checkpoint, no adapter
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        return Path(cfg.out)
+    monkeypatch.setattr(replicate, "train", interrupted)
+    with pytest.raises(SystemExit, match="interrupted in .*seed0/continual; run the same command again"):
+        run(tmp_path, "--seeds", "0")
+    assert (tmp_path / "base" / "done.json").is_file()
+    assert not (tmp_path / "seed0" / "continual" / "trained.json").exists()
+
+
 def test_intervals_over_seeds_are_students_t():
     values = [1.0, 2.0, 4.0]
     out = comparison.interval(values)
@@ -193,6 +213,7 @@ def bad_cases(tmp_path):
     (tmp_path / "unlabelled").mkdir()
     write_jsonl(tmp_path / "unlabelled" / "sst2.jsonl", [{"sentence": "a fine film", "label": -1}])
     (tmp_path / "other.json").write_text(json.dumps({"rte": [["{premise}", "{answer}"]]}))
+    (tmp_path / "typos.json").write_text(json.dumps({"typos": {"sst2": ["Good?"], "cola": ["Right?"]}}))
     return [
         (["--train-dir", str(tmp_path / "empty")], "empty/sst2.jsonl: no sst2 split in --train-dir"),
         (["--eval-dir", str(tmp_path / "unlabelled"), "--tasks", "sst2"],
@@ -201,6 +222,7 @@ def bad_cases(tmp_path):
         (["--seeds", "1,1"], "argument --seeds: 1,1 is out of range"),
         (["--templates", str(tmp_path / "other.json")], "other.json: no templates for 'sst2'"),
         (["--eval-rows", "5000"], "leave fewer than 100 for the base"),
+        (["--prompts", str(tmp_path / "typos.json")], "typos.json: no 'clean' group"),
     ]
 
 
