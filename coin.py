@@ -6,13 +6,15 @@ different input and answer). The official code trains one group per micro-batch;
 objective per group g, batched, so the micro-batch size changes only speed and memory:
   - L_gen_g: next-token cross-entropy on the answer tokens, a token mean per view over the group's rows,
     summed over the two views;
-  - L_ctr_g: symmetric InfoNCE between the final-norm hidden states at each row's last answer token: each
-    original should be closer (cosine / temperature) to its own paraphrase than to the other paraphrases of
-    its group, and vice versa (--negatives batch: of the whole micro-batch, SimCSE-style);
+  - L_ctr_g: symmetric InfoNCE between the final-norm hidden states at each row's last answer token (or, with
+    --pooling, their mean or max over the row): each original should be closer (cosine / temperature) to its
+    own paraphrase than to its group's other paraphrases, and vice versa (--negatives batch: to the whole
+    micro-batch's, SimCSE-style);
   - loss_g = L_gen_g + w_g * L_ctr_g with w_g = min(lambda, detach(L_gen_g / L_ctr_g)): the contrastive term
     is rescaled to the size of the generation loss; lambda (1000) only caps the weight. A step's loss is the
     mean of loss_g over its groups. The paper's Eq. 3 writes max; its text ("lambda is the upper bound") and
-    the official code (ContrastiveLlama.scale_contrastive_loss) make it min.
+    the official code (ContrastiveLlama.scale_contrastive_loss) make it min. Whether the term acts at all
+    shows in diagnostics.py's numbers, logged every step: its share of the loss, the cosines it sees.
 
 Runs:
     python coin.py --data examples/flan_coin_demo.jsonl --tiny --out out/ --epochs 5 --lr 1e-3   # CPU demo
@@ -38,13 +40,14 @@ from tqdm import tqdm
 from checkpoints import StopOnCtrlC, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
 from checkpoints import step_counts
 from data import IGNORE_INDEX, ContrastiveDataset, collate, epoch_steps, load_examples
+from diagnostics import PROGRESS, SUMMED, cosine_sums, step_record
 from distributed import World, accumulating, all_sum, finish, gather_rows as gather, shard, start, wrap
 from files import write_atomically
 from flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, comma_list_of, merge_saved, opt
 from flags import parse_flags, up_to
 from hf_io import load_adapter, load_model, load_tokenizer, save_adapter
 from memory import training_summary
-from model import LINEARS, apply_lora, bucketed_hidden_states, merge_lora, pool_last_token
+from model import LINEARS, POOLING, apply_lora, bucketed_hidden_states, merge_lora, pool
 from precision import autocast, resolve_precision
 from tiny_base import build_tiny_base, install_tiny_base
 
@@ -92,6 +95,8 @@ class TrainConfig:
                      valid=POSITIVE)
     negatives: str = opt("group", "group: each anchor's negatives are its group's (CoIN); batch: every other "
                                   "row of the micro-batch (SimCSE-style)", choices=("group", "batch"))
+    pooling: str = opt("last", "the state InfoNCE compares: last, the last answer token (CoIN); mean or max "
+                               "over each row's real tokens (CoIN's footnote 2)", choices=POOLING)
     # Machinery
     dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU, fp32 on a CPU; "
                                   "fp16 adds a GradScaler)", choices=("bf16", "fp16", "fp32"))
@@ -103,7 +108,6 @@ class TrainConfig:
     overwrite: bool = opt(False, "delete the run in --out and start again")
 
 
-PROGRESS_KEYS = ("loss", "gen", "ctr", "weight", "lr", "real_tokens_per_s")  # shown on the progress bar
 RESUMABLE = {"max_steps", "epochs", "save_every", "device", "resume", "overwrite"}  # may change on --resume
 PATHS = ("data", "base", "adapter", "out")  # saved as absolute paths, so a run resumes from any directory
 
@@ -121,13 +125,14 @@ def parse_config(argv=None):
 # 2. The losses
 
 def info_nce(a, b, group_index, temperature, within_groups=True, world=World()):
-    """Symmetric InfoNCE per group: (G,) losses. a, b (B, D): the two views' pooled states; group_index (B,).
+    """Symmetric InfoNCE per group, and what it sees: ((G,) losses, cosine sums). a, b (B, D): the two views'
+    pooled states; group_index (B,).
 
     sim (B, B) = cos(a_i, b_j) / temperature, in fp32; the diagonal holds the positives. within_groups masks
     the pairs of different groups, so each anchor's negatives are its group's other rows (its hard negative):
     exactly the official micro-batch of one group. Row i's loss averages original -> paraphrase and
-    paraphrase -> original; a group's loss is the mean over its rows, as in ContrastiveLoss.
-    """
+    paraphrase -> original; a group's loss is the mean over its rows, as in ContrastiveLoss. The cosine sums
+    (diagnostics.py) come free with the similarities."""
     with torch.autocast(a.device.type, enabled=False):  # bf16 cosines / 0.05 would be off by several percent
         a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
         a_all, first = (a, 0) if within_groups else gather(a, world)  # (N, D): N = B in one process
@@ -139,7 +144,8 @@ def info_nce(a, b, group_index, temperature, within_groups=True, world=World()):
         labels = first + torch.arange(len(a), device=a.device)  # each row's positive among the N columns
         rows = (F.cross_entropy(sim_ab, labels, reduction="none")
                 + F.cross_entropy(sim_ba, labels, reduction="none")) / 2  # (B,)
-        return group_mean(rows, group_index, int(group_index.max()) + 1)  # (G,)
+        losses = group_mean(rows, group_index, int(group_index.max()) + 1)  # (G,)
+        return losses, cosine_sums(sim_ab, sim_ba, labels, temperature)
 
 
 def group_mean(values, index, size):
@@ -178,27 +184,25 @@ def generation_loss(model, hidden, labels, group_index):
 
 
 def micro_batch_loss(model, batch, step_groups, temperature, lam, contrastive=True, within_groups=True,
-                     world=World()):
+                     pooling="last", world=World()):
     """One forward over the 2B rows of `batch`; returns (the loss to backpropagate, metric sums).
 
     The loss is the sum of this micro-batch's loss_g divided by step_groups, the groups of the whole step, so
     that the gradients accumulated over a step are those of the mean over its groups: the same for any
-    micro-batch size. Metric sums are over the micro-batch's groups.
+    micro-batch size. Metric sums are over the micro-batch's groups (diagnostics.SUMMED). InfoNCE runs in
+    both arms: without --contrastive its cosines are the control, and its loss is not trained.
     """
-    group_index = batch["group_index"]
-    B = len(group_index)
-    lengths = batch["attention_mask"].sum(1)  # (2B,)
+    group_index, lengths = batch["group_index"], batch["attention_mask"].sum(1)  # (B,), (2B,)
     hidden = bucketed_hidden_states(model, batch["input_ids"], lengths, batch["bucket"])  # (2B, T, D)
     gen = generation_loss(model, hidden, batch["labels"], group_index)  # (G,)
-    ctr = weight = torch.zeros_like(gen)
-    total = gen
-    if contrastive:
-        pooled = pool_last_token(hidden, batch["last_index"])  # (2B, D)
-        ctr = info_nce(pooled[:B], pooled[B:], group_index, temperature, within_groups, world)  # (G,)
-        total, weight = coin_loss(gen, ctr, lam)
+    pooled = pool(hidden, lengths, batch["last_index"], pooling)  # (2B, D)
+    ctr, cosines = info_nce(*pooled.chunk(2), group_index, temperature, within_groups, world)  # (G,)
+    total, weight = coin_loss(gen, ctr, lam)
+    if not contrastive:  # continual instruction tuning: the generation loss alone
+        total, ctr, weight = gen, torch.zeros_like(gen), torch.zeros_like(gen)
     parts = {name: value.sum().item() for name, value in
-             dict(loss=total, gen=gen, ctr=ctr, weight=weight).items()}
-    return total.sum() / step_groups, dict(parts, groups=len(gen))
+             dict(loss=total, gen=gen, ctr=ctr, weight=weight, capped=weight >= lam).items()}
+    return total.sum() / step_groups, dict(parts, **cosines, groups=len(gen))
 
 
 def learning_rate(step, total_steps, peak_lr, warmup_steps):
@@ -326,13 +330,13 @@ def train_step(run, batches, step_groups, lr):
     started, cfg, world = time.perf_counter(), run.cfg, run.world
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    sums, bad = dict(loss=0.0, gen=0.0, ctr=0.0, weight=0.0), ""  # over this process's groups
+    sums, bad = dict.fromkeys(SUMMED, 0.0), ""  # over this process's groups
     for i, batch in enumerate(batches):
         with accumulating(run.loss, last=i == len(batches) - 1):  # several processes: sync on the last only
             with autocast(run.device, run.dtype):
                 device_batch = {key: v.to(run.device) for key, v in batch.items() if torch.is_tensor(v)}
                 loss, parts = run.loss(device_batch, step_groups / world.size, cfg.temperature, cfg.lam,
-                                       cfg.contrastive, cfg.negatives == "group", world)
+                                       cfg.contrastive, cfg.negatives == "group", cfg.pooling, world)
             run.scaler.scale(loss).backward()
         if not (bad or math.isfinite(loss.item())):
             bad = f"(gen {parts['gen']}, ctr {parts['ctr']}) on examples {', '.join(batch['ids'])}"
@@ -348,13 +352,9 @@ def train_step(run, batches, step_groups, lr):
     run.scaler.step(run.optimizer)  # skipped by the scaler when fp16 gradients overflowed
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    examples = totals["examples"]
-    return dict({key: totals.pop(key) / step_groups for key in sums}, lr=lr, grad_norm=grad_norm.item(),
-                groups=step_groups, negatives_per_anchor=totals.pop("negatives") / examples,
-                world_size=world.size, examples_per_process=examples / world.size,
-                hard_negatives_per_anchor=totals.pop("hard_negatives") / examples, **totals,
-                real_tokens_per_s=round(totals["real_tokens"] / (time.perf_counter() - started)),
-                skipped=int(run.scaler.is_enabled() and run.scaler.get_scale() < scale))
+    return step_record(totals, step_groups, world.size, time.perf_counter() - started, lr=lr,
+                       grad_norm=grad_norm.item(),
+                       skipped=int(run.scaler.is_enabled() and run.scaler.get_scale() < scale))
 
 
 def train(cfg):
@@ -386,7 +386,7 @@ def train(cfg):
             step, skipped = step + 1, skipped + record.pop("skipped")
             metrics.write(json.dumps(dict(step=step, **record, skipped_steps=skipped)) + "\n")
             metrics.flush()
-            bar.set_postfix({key: f"{record[key]:.4g}" for key in PROGRESS_KEYS})
+            bar.set_postfix({name: f"{record[key]:.3g}" for name, key in PROGRESS.items()})
             if step == 1 and run.device.startswith("cuda"):
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 bar.write(f"measured peak GPU memory after step 1: {peak:.2f} GiB")

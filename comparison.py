@@ -19,7 +19,8 @@ import math
 from statistics import mean, stdev
 
 from files import write_atomically
-from report import markdown_table, pyplot, save_figure
+from plots import pyplot, save_figure
+from report import markdown_table
 
 ARMS = ("continual", "coin")
 # Student's t 0.975 quantiles by degrees of freedom (seeds - 1); beyond 30 the normal's 1.96 is near enough.

@@ -288,10 +288,20 @@ class Llama(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, cache))
 
 
-def pool_last_token(hidden, last_index):
-    """hidden (R, T, D), last_index (R,) -> (R, D): each row's state at its last real token
-    (any padding side)."""
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+POOLING = ("last", "mean", "max")  # CoIN's pooling_method: last, average_all, max (its footnote 2)
+
+
+def pool(hidden, lengths, last_index, mode="last"):
+    """hidden (R, T, D) right-padded rows of `lengths` (R,) real tokens -> (R, D), one state per row.
+
+    last: the state at last_index (R,) (CoIN's default, the last answer token); mean, max: over the row's
+    real tokens, never a pad. The mean sums in fp32: bf16 would round 256 states' sum to 3 digits."""
+    if mode == "last":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+    real = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]  # (R, T)
+    if mode == "mean":
+        return (hidden.float() * real[..., None]).sum(1) / lengths[:, None]
+    return hidden.masked_fill(~real[..., None], float("-inf")).amax(1)
 
 
 def bucketed_hidden_states(model, input_ids, lengths, bucket):

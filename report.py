@@ -12,8 +12,12 @@ A support module, read after evaluate.py, whose predictions it aggregates (resul
     hidden_report    paper §5.1, Fig. 4: how close each perturbed group's last-token hidden states stay to
                      clean ones, and a 2-D PCA of them (hidden_pca.png when matplotlib is installed)
 
+The figures are drawn in plots.py.
+
     python report.py out/results                    # print a results dir's tables
     python report.py runs/alpaca out/results        # print out/results - runs/alpaca
+    python report.py out                            # a training run: its first and last steps and
+                                                    # training.png (diagnostics.py)
 
 Shape legend: N examples, Q prompts of a group, D model dim, B rows of a batch, T tokens.
 """
@@ -27,9 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diagnostics import training_report
 from files import write_atomically
 from glue import CATEGORIES, TASKS
 from model import prefill
+from plots import save_box_plot, save_scatter
 
 # -----------------------------------------------------------------------------
 # 1. Aggregation: accuracy per cell, mean and std per task x group, consistency, averages
@@ -197,50 +203,6 @@ def pca_2d(states):
     return pca, (sv[:2] ** 2 / (sv ** 2).sum()).tolist()
 
 
-def pyplot():
-    """matplotlib.pyplot drawing to files, or None: matplotlib is an optional dependency."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def save_figure(plt, fig, path):
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-    plt.close(fig)
-    return path
-
-
-def save_box_plot(results, path):
-    """accuracy_boxplot.png: a box per group over its cells' accuracies (every task x prompt), or None
-    without matplotlib."""
-    plt, by_group = pyplot(), defaultdict(list)
-    if plt is None:
-        return None
-    for cell in results["cells"].values():
-        by_group[cell["group"]].append(cell["accuracy"])
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(by_group), 4))
-    ax.boxplot(list(by_group.values()), labels=list(by_group))
-    ax.set(ylabel="accuracy (%)", title="accuracy over each group's prompts and tasks")
-    return save_figure(plt, fig, path)
-
-
-def save_scatter(pca, title, path):
-    """hidden_pca.png, or None without matplotlib (an optional dependency)."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for g, points in pca.items():
-        ax.scatter(*np.array(points).T, s=6, alpha=0.6, label=g)
-    ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
-    ax.legend()
-    return save_figure(plt, fig, path)
-
-
 def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir):
     """Each perturbed group's mean cosine similarity to clean, paired by (prompt, example), and a 2-D PCA.
 
@@ -270,15 +232,18 @@ def hidden_report(model, tokenizer, task, texts, n_examples, batch_size, out_dir
 # 4. Command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print evaluate.py's tables, or compare two results dirs.")
-    parser.add_argument("dirs", nargs="+", metavar="RESULTS_DIR",
-                        help="one dir: its tables; two (A B): B - A")
+    parser = argparse.ArgumentParser(description="Print evaluate.py's tables, compare two results dirs, or "
+                                                 "show a training run's curves.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="one results dir: its tables; two (A B): B - A; a coin.py --out: its curves")
     opts = parser.parse_args(argv)
     if len(opts.dirs) > 2:
         parser.error("give one results dir, or two to compare")
     try:
         if len(opts.dirs) == 2:
             return print(compare_tables(*opts.dirs))
+        if (Path(opts.dirs[0]) / "metrics.jsonl").is_file():  # a training run's folder
+            return training_report(opts.dirs[0])
         results = read_results(opts.dirs[0])
         print(render_tables(results))
         png = save_box_plot(results, Path(opts.dirs[0]) / "accuracy_boxplot.png")

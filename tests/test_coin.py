@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import coin
+import plots
+import report
 from data import ContrastiveDataset, collate, load_examples
 from official_coin import official_step
 from checkpoints import restore_checkpoint, save_checkpoint
+from diagnostics import PROGRESS
 from hf_io import load_adapter, load_model, load_tokenizer, read_adapter_tensors, save_adapter
-from model import Llama, ModelArgs, apply_lora, lora_state_dict
+from model import POOLING, Llama, ModelArgs, apply_lora, bucketed_hidden_states, lora_state_dict, pool
 
 DEMO = "examples/flan_coin_demo.jsonl"
 
@@ -38,11 +41,16 @@ def metrics(out):
 ONE_GROUP, PAIRS = torch.zeros(6, dtype=torch.long), torch.tensor([0, 0, 1, 1, 2, 2])
 
 
+def nce(*args, **kwargs):
+    """info_nce's (G,) losses, without its cosine sums."""
+    return coin.info_nce(*args, **kwargs)[0]
+
+
 def test_identical_embeddings_give_log_of_the_candidates():
     h = torch.randn(1, 16).expand(6, 16)
-    batch = coin.info_nce(h, h, PAIRS, 0.05, within_groups=False)  # every row of the micro-batch a candidate
+    batch = nce(h, h, PAIRS, 0.05, within_groups=False)  # every row of the micro-batch a candidate
     assert torch.allclose(batch, torch.full((3,), math.log(6)))
-    assert torch.allclose(coin.info_nce(h, h, PAIRS, 0.05), torch.full((3,), math.log(2)))  # its group only
+    assert torch.allclose(nce(h, h, PAIRS, 0.05), torch.full((3,), math.log(2)))  # its group only
 
 
 def reference_info_nce(a, b, temperature=0.05):
@@ -59,13 +67,13 @@ def test_info_nce_per_group_equals_its_definition_on_each_group_alone():
     torch.manual_seed(0)
     a, b = torch.randn(6, 8), torch.randn(6, 8)
     groups = torch.tensor([0, 1, 0, 2, 1, 2])  # members need not be adjacent
-    ours = coin.info_nce(a, b, groups, 0.05)
+    ours = nce(a, b, groups, 0.05)
     for g in range(3):
         rows = groups == g
         assert math.isclose(ours[g].item(), reference_info_nce(a[rows], b[rows]), rel_tol=1e-5)
-    batch = coin.info_nce(a, b, ONE_GROUP, 0.05, within_groups=False)
+    batch = nce(a, b, ONE_GROUP, 0.05, within_groups=False)
     assert math.isclose(batch.item(), reference_info_nce(a, b), rel_tol=1e-5)
-    assert torch.allclose(coin.info_nce(b, a, groups, 0.05), ours, rtol=1e-6)  # symmetric
+    assert torch.allclose(nce(b, a, groups, 0.05), ours, rtol=1e-6)  # symmetric
 
 
 def test_the_hard_negative_is_the_only_negative_in_group_mode():
@@ -73,16 +81,16 @@ def test_the_hard_negative_is_the_only_negative_in_group_mode():
     originals = torch.randn(4, 8)
     paraphrases = originals + 0.1 * torch.randn(4, 8)  # each paraphrase close to its own original
     groups = torch.tensor([0, 0, 1, 1])
-    easy = coin.info_nce(originals, paraphrases, groups, 0.05)
+    easy = nce(originals, paraphrases, groups, 0.05)
     # Example 2 now looks like example 0 in both views: a confusable row, but of another group.
     originals[2] = originals[0] + 0.05 * torch.randn(8)
     paraphrases[2] = paraphrases[0] + 0.05 * torch.randn(8)
-    assert torch.allclose(coin.info_nce(originals, paraphrases, groups, 0.05)[0], easy[0], rtol=1e-5)
-    assert coin.info_nce(originals, paraphrases, groups, 0.05, within_groups=False)[0] > easy[0] + 0.25
+    assert torch.allclose(nce(originals, paraphrases, groups, 0.05)[0], easy[0], rtol=1e-5)
+    assert nce(originals, paraphrases, groups, 0.05, within_groups=False)[0] > easy[0] + 0.25
     # ... and now example 1, its hard negative, looks like example 0.
     originals[1] = originals[0] + 0.05 * torch.randn(8)
     paraphrases[1] = paraphrases[0] + 0.05 * torch.randn(8)
-    assert coin.info_nce(originals, paraphrases, groups, 0.05)[0] > easy[0] + 0.25
+    assert nce(originals, paraphrases, groups, 0.05)[0] > easy[0] + 0.25
 
 
 def test_coin_weight_rescales_each_groups_contrastive_term_to_its_generation_loss():
@@ -153,33 +161,35 @@ def assert_close(actual, expected, name, rel=1e-5):
     assert error <= rel * expected.abs().max().item(), (name, error, expected.abs().max().item())
 
 
-def step_loss_and_gradients(model, micro_batches, negatives="group"):
+def step_loss_and_gradients(model, micro_batches, negatives="group", pooling="last"):
     """What one optimizer step accumulates: the step's loss and the LoRA gradients."""
     model.zero_grad()
     step_groups = sum(int(batch["group_index"].max()) + 1 for batch in micro_batches)
     total = 0.0
     for batch in micro_batches:
-        loss, _ = coin.micro_batch_loss(model, batch, step_groups, 0.05, 1000.0, True, negatives == "group")
+        loss, _ = coin.micro_batch_loss(model, batch, step_groups, 0.05, 1000.0, True, negatives == "group",
+                                        pooling)
         loss.backward()
         total += loss.item()
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_the_objective_does_not_depend_on_the_micro_batch_size(stories, size):
+@pytest.mark.parametrize("size, pooling", [(2, "last"), (4, "last"), (4, "mean"), (4, "max")])
+def test_the_objective_does_not_depend_on_the_micro_batch_size(stories, size, pooling):
     model, tokenizer, items = stories
     whole = collate(items, tokenizer.pad_id, by_length=False)  # one padded rectangle
-    whole_loss, whole_grads = step_loss_and_gradients(model, [whole])
+    whole_loss, whole_grads = step_loss_and_gradients(model, [whole], pooling=pooling)
     split = [collate(items[i:i + size], tokenizer.pad_id) for i in range(0, 16, size)]  # two buckets each
     assert all(batch["bucket"].max() == 1 for batch in split)
-    split_loss, split_grads = step_loss_and_gradients(model, split)
+    split_loss, split_grads = step_loss_and_gradients(model, split, pooling=pooling)
     assert math.isclose(whole_loss, split_loss, rel_tol=1e-5)
     assert all(whole_grads[n].abs().sum() > 0 for n in whole_grads)
     for name in whole_grads:
         assert_close(split_grads[name], whole_grads[name], name)
-    batch_loss, _ = step_loss_and_gradients(model, split, negatives="batch")  # SimCSE-style: it does depend
-    if size > 2:
-        assert not math.isclose(whole_loss, batch_loss, rel_tol=1e-3)
+    _, batch_grads = step_loss_and_gradients(model, split, "batch", pooling)  # SimCSE-style: it does depend
+    if size > 2:  # (on the gradients: uncapped, w * L_ctr equals L_gen whatever the negatives, and so the loss)
+        assert any((batch_grads[n] - whole_grads[n]).abs().max() > 1e-3 * whole_grads[n].abs().max()
+                   for n in whole_grads)
 
 
 def test_the_objective_equals_the_official_contrastive_llama(stories, tmp_path, stories_dir):
@@ -201,14 +211,40 @@ def test_the_objective_equals_the_official_contrastive_llama(stories, tmp_path, 
         assert_close(our_grads[name], their_grads[name], name)
 
 
-def test_pooling_takes_each_rows_last_real_token(stories):
+def official_pooling(hidden, mode):
+    """ContrastiveLlama.get_pooled_hidden_states re-expressed for unpadded rows hidden (R, L, D): pooling_method
+    last, average_all (our mean) or max."""
+    return {"last": lambda: hidden[:, -1], "mean": lambda: hidden.mean(1),
+            "max": lambda: hidden.max(1).values}[mode]()
+
+
+@pytest.mark.parametrize("mode", POOLING)
+def test_pooling_equals_the_official_on_each_row_alone_and_never_reads_a_pad(stories, mode):
     model, tokenizer, items = stories
-    batch = collate(items, tokenizer.pad_id)
-    hidden = torch.randn(*batch["input_ids"].shape, 8)
-    pooled = coin.pool_last_token(hidden, batch["last_index"])
-    for row in range(hidden.shape[0]):
-        last = int(batch["attention_mask"][row].nonzero().max())
-        assert torch.equal(pooled[row], hidden[row, last])
+    batch = collate(items, tokenizer.pad_id)  # right-padded rows of many lengths, in two buckets
+    lengths = batch["attention_mask"].sum(1)
+    with torch.no_grad():
+        hidden = bucketed_hidden_states(model, batch["input_ids"], lengths, batch["bucket"])
+        hidden[batch["attention_mask"] == 0] = 1e3  # a pad's state may be anything: it must never count
+        pooled = pool(hidden, lengths, batch["last_index"], mode)  # (2B, D)
+        for row, length in enumerate(lengths.tolist()):
+            alone = model.hidden_states(batch["input_ids"][row:row + 1, :length])  # (1, L, D): no pad at all
+            assert_close(pooled[row], official_pooling(alone, mode)[0], f"row {row}")
+
+
+def test_cosine_sums_are_each_anchors_positive_and_hardest_negative():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    groups = torch.tensor([0, 1, 0, 1, 0, 1])  # two negatives per anchor: the hardest is the larger cosine
+    cos = F.cosine_similarity(a[:, None], b[None], dim=-1)  # (B, B): cos[i, j] = cos(a_i, b_j)
+    for within_groups, candidate in ((True, groups[:, None] == groups[None, :]), (False, torch.ones(6, 6) > 0)):
+        negative = candidate & ~torch.eye(6, dtype=torch.bool)
+        hardest_ab = cos.masked_fill(~negative, -2).amax(1)  # each original's most similar other paraphrase
+        hardest_ba = cos.masked_fill(~negative, -2).amax(0)  # each paraphrase's most similar other original
+        _, sums = coin.info_nce(a, b, groups, 0.05, within_groups)
+        assert math.isclose(sums["cos_positive"], cos.diag().sum().item(), rel_tol=1e-5)
+        assert math.isclose(sums["cos_negative"], (hardest_ab.sum() + hardest_ba.sum()).item() / 2,
+                            rel_tol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -223,6 +259,36 @@ def test_fifty_steps_lower_both_losses(tmp_path, stories_dir):
         assert sum(r[key] for r in last) < 0.8 * sum(r[key] for r in first), key
     assert all(r["examples"] == 8 and r["groups"] == 4 for r in records)
     assert all(r["negatives_per_anchor"] == r["hard_negatives_per_anchor"] == 1 for r in records)
+
+
+@pytest.mark.parametrize("flags, share, capped", [
+    (("--lam", "1e8"), 0.5, 0.0),  # never capped: w * L_ctr = L_gen in every group, half of the loss
+    (("--lam", "1e-3"), None, 1.0),  # always capped: the term is a rounding error
+    (("--no-contrastive",), 0.0, 0.0),  # continual tuning: no term, its cosines still logged
+])
+def test_every_step_logs_whether_the_term_acts(tmp_path, stories_dir, flags, share, capped):
+    for r in metrics(run(tmp_path, stories_dir, *flags, "--pooling", "mean", "--max-steps", "2")):
+        assert set(PROGRESS.values()) <= set(r)
+        assert math.isclose(r["contrastive_share"], (r["loss"] - r["gen"]) / r["loss"], abs_tol=1e-12)
+        assert r["contrastive_share"] == pytest.approx(share, abs=1e-6) if share is not None else \
+            r["contrastive_share"] < 1e-3
+        assert r["weight_capped"] == capped and (r["ctr"] == 0) == (flags[0] == "--no-contrastive")
+        assert -1 <= r["cos_negative"] <= 1 and -1 <= r["cos_positive"] <= 1
+        assert math.isclose(r["cos_margin"], r["cos_positive"] - r["cos_negative"], abs_tol=1e-12)
+
+
+def test_report_prints_a_training_runs_first_and_last_steps_and_draws_its_curves(tmp_path, stories_dir,
+                                                                               capsys, monkeypatch):
+    out = run(tmp_path, stories_dir, "--max-steps", "2")
+    monkeypatch.setattr(plots, "pyplot", lambda: None)  # matplotlib is an optional extra
+    report.main([str(out)])
+    text = capsys.readouterr().out
+    assert "| | step 1 | step 2 |" in text and "| contrastive_share |" in text and "| cos_margin |" in text
+    assert "no plot: pip install matplotlib" in text and not (out / "training.png").exists()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    report.main([str(out)])
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_batch_negatives_are_every_other_row_of_the_micro_batch(tmp_path, stories_dir):
@@ -395,9 +461,9 @@ def test_cosines_stay_fp32_under_bf16_autocast():
     a, b = torch.randn(8, 64), torch.randn(8, 64)
     groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     with torch.autocast("cpu", torch.bfloat16):
-        mixed = coin.info_nce(a.bfloat16(), b.bfloat16(), groups, 0.05)
+        mixed = nce(a.bfloat16(), b.bfloat16(), groups, 0.05)
     assert mixed.dtype == torch.float32
-    exact = coin.info_nce(a.bfloat16().float(), b.bfloat16().float(), groups, 0.05)
+    exact = nce(a.bfloat16().float(), b.bfloat16().float(), groups, 0.05)
     assert torch.allclose(mixed, exact, rtol=1e-6)
 
 

@@ -116,6 +116,7 @@ def coin_cases(tmp_path, stories):
         (ok + ["--micro-batch-size", "3"], "--batch-size 4 is not a multiple of --micro-batch-size 3"),
         (ok + ["--micro-batch-size", HUGE], "is not a multiple of --micro-batch-size"),
         (ok + ["--negatives", "all"], "argument --negatives: invalid choice: 'all'"),
+        (ok + ["--pooling", "average_all"], "argument --pooling: invalid choice: 'average_all'"),
         (ok + ["--truncation", "left"], "argument --truncation: invalid choice: 'left'"),
         (ok + ["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         (ok + ["--dtype", "fp16"], "--dtype fp16 needs a CUDA GPU"),
