@@ -18,6 +18,7 @@ first and last steps and draws training.png (losses, the diagnostics and the lea
 when matplotlib is installed.
 """
 from pathlib import Path
+from statistics import mean
 
 import torch
 
@@ -71,6 +72,17 @@ def read_metrics(out):
     if not records:
         raise ValueError(f"{path}: no step logged yet")
     return records
+
+
+TRACKED = ("gen", "ctr", "weight", "contrastive_share", "weight_capped", "cos_margin")  # ends(): replicate.py
+
+
+def ends(records, keys=TRACKED):
+    """{key_first, key_last}: each key's mean over the first and over the last tenth of the steps (at least
+    one step each): one step alone is noisy (a batch of easy or hard groups)."""
+    n = max(1, len(records) // 10)
+    return {f"{key}_{end}": mean(r[key] for r in part) for key in keys
+            for end, part in (("first", records[:n]), ("last", records[-n:]))}
 
 
 SHOWN = ("loss", "gen", "ctr", "weight", "contrastive_share", "weight_capped", "cos_positive", "cos_negative",

@@ -88,3 +88,38 @@ def save_training_plot(records, path):
     return save_figure(plt, fig, path)
 
 
+
+
+def save_arms_plot(report, path):
+    """report.png of replicate.py (comparison.py): per group, each arm's accuracy (error bars: the std over
+    prompts), and each arm's difference to continual (error bars: the 95% interval over seeds); beside them,
+    each arm's contrastive share and cosine margin over the first and the last tenth of its steps. None
+    without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    groups, arms = report["groups"], report["arms"]
+    width, names = 0.8 / len(arms), [f"{d}_{end}" for d in ("contrastive_share", "cosine_margin")
+                                     for end in ("first", "last")]
+    fig = plt.figure(figsize=(max(10, 1.2 * len(groups) * len(arms) ** 0.5), 8))
+    acc, diff, diag = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 2, 3), fig.add_subplot(2, 2, 4)
+    for k, (arm, a) in enumerate(arms.items()):
+        style = dict(color=f"C{k % 10}", label=arm)  # an arm's colour, the same in every panel
+        x = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(groups))]
+        acc.bar(x, [a["groups"][g]["mean"] for g in groups], width, capsize=2,
+                yerr=[a["groups"][g]["std"] for g in groups], **style)
+        if arm in report["minus_continual"]:
+            d = [report["minus_continual"][arm][g]["mean"] for g in groups]  # {mean, ci95 or None}
+            half = [v["ci95"][1] - v["mean"] if v["ci95"] else 0 for v in d]  # t intervals are symmetric
+            diff.errorbar(x, [v["mean"] for v in d], yerr=half, fmt="o", capsize=2, **style)
+        diag.bar([i + (k - (len(arms) - 1) / 2) * width for i in range(len(names))],
+                 [a["diagnostics"][n] for n in names], width, **style)
+    for ax, title in ((acc, "accuracy (%)"), (diff, "minus continual (points)")):
+        ax.set_xticks(range(len(groups)), groups, rotation=20)
+        ax.set(title=f"{title}, mean over {len(report['seeds'])} seeds")
+    diff.axhline(0, color="grey", lw=0.8)
+    diag.set_xticks(range(4), ["share, first", "share, last", "margin, first", "margin, last"], rotation=20)
+    diag.set(title="is the contrastive term active?")
+    acc.legend(fontsize=7, ncol=min(len(arms), 6))
+    fig.tight_layout()
+    return save_figure(plt, fig, path)

@@ -6,20 +6,23 @@ whose output is there is skipped: an interrupted run continues where it stopped.
   1. data    each task's training rows (one per distinct text), shuffled once, cut into three disjoint parts:
              evaluation (or --eval-dir's), base and adapters; rendered with the templates (prepare_data.py)
   2. base    the "Alpaca stage": a small random LLaMA and a BPE tokenizer, instruction-tuned in full
-  3. arms    per seed, two LoRA adapters on that base (coin.py), the same in all but one flag: continual
-             instruction tuning (--no-contrastive) and CoIN
+  3. arms    per seed, one LoRA adapter per arm on that base (coin.py), all with the same data, steps and
+             seed, each with its own coin.py flags (--arms): by default continual instruction tuning
+             (--no-contrastive) and CoIN; the study adds the paper's lambda grid, pooling and negatives
   4. scores  each adapter in evaluate.py's rank mode, coin.py's input format: under the prompt file's clean
              and perturbed instructions (never trained on), under three training templates (does the model
-             do the task at all?); the hidden-state similarity of perturbed to clean inputs (paper §5.1)
-  5. report  report.md, report.json, report.png (comparison.py)
+             do the task at all?); the hidden-state similarity of perturbed to clean inputs (scoring.py)
+  5. report  report.md, report.json, report.png: every arm against continual (comparison.py)
 
-    python replicate.py --out runs/quick      # toy sst2 and cola (examples/toy_glue): ~3 min on 2 cores
+    python replicate.py --out runs/quick      # the toy tasks (examples/toy_glue): the README's Quickstart
     python replicate.py --train-dir ../shared/glue/train --templates ../shared/flan/templates.json \\
-        --tasks sst2 --out runs/glue ...      # real GLUE: the README gives the flags (~15 min)
+        --tasks sst2 --out runs/study --arms "..." ...    # real SST-2: the README's study gives the flags
 """
 import itertools
 import json
 import random
+import re
+import shlex
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -27,27 +30,28 @@ from pathlib import Path
 
 import torch
 
-from comparison import ARMS, write_report
+from comparison import BASELINE, write_report
 from coin import TrainConfig, learning_rate, micro_batch_loss, train
-from data import PROMPT_TEMPLATE, ContrastiveDataset, collate, epoch_steps, load_examples
-from evaluate import DEFAULT_PROMPTS, EvalConfig, build_input, cell_records, load_prompt_set, plan_cells
-from evaluate import predict
+from data import ContrastiveDataset, collate, epoch_steps, load_examples
+from diagnostics import ends, read_metrics
+from evaluate import DEFAULT_PROMPTS, load_prompt_set, plan_cells
 from files import read_json, write_atomically
-from flags import COUNT, POSITIVE, comma_list_of, opt, parse_flags
-from glue import CONTENT, LABELS, example, flan_row, label_id, labelled_rows
-from hf_io import load_adapter, load_model, load_tokenizer, save_model
-from model import ModelArgs, merge_lora
-from prepare_data import build_examples, load_templates, render, write_examples
-from report import hidden_report, summarize
+from flags import COUNT, POSITIVE, SEED, comma_list_of, opt, parse_flags
+from glue import CONTENT, flan_row, label_id, labelled_rows
+from hf_io import load_model, load_tokenizer, save_model
+from model import ModelArgs
+from prepare_data import build_examples, load_templates, write_examples
+from scoring import FLAN_NAME, score_adapter
 from tiny_base import build_tiny_base
 
 TOY = Path(__file__).resolve().parent / "examples" / "toy_glue"  # toy_data.py's tasks, in GLUE's layout
-# task -> its template dataset. The prompt file's instructions ask for GLUE's label words, which only these
-# tasks' FLAN templates answer with (negative / positive, unacceptable / acceptable; the others: yes / no).
-FLAN_NAME = {"sst2": "sst2", "cola": "cola"}
-SEEN = "seen template"  # the group of training templates: can the model do the task at all?
 SEEDS = (lambda v: all(s.isdigit() for s in v.split(",")) and len(set(v.split(","))) == len(v.split(",")),
          "a comma list of distinct seeds, e.g. 0,1,2")
+ARMS = "continual=--no-contrastive; coin="  # the default arms: continual instruction tuning and CoIN
+# coin.py's settings that replicate.py gives every arm alike (the same base, data, steps and seed), and
+# which an arm's flags may therefore not set
+SHARED = ("data", "base", "tiny", "adapter", "merge_adapter", "out", "seed", "max_steps", "epochs", "holdout",
+          "resume", "overwrite")
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
@@ -61,7 +65,9 @@ class ReplicateConfig:
     prompts: str = opt(str(DEFAULT_PROMPTS), "unseen instructions to score, {group: {task: [...]}}")
     tasks: str = opt("sst2,cola", "comma list of tasks", valid=(comma_list_of(FLAN_NAME)[0], "a comma list "
                      "of sst2, cola: the tasks whose templates answer with GLUE's label words"))
-    seeds: str = opt("0,1,2", "one pair of adapters per seed", valid=SEEDS)
+    seeds: str = opt("0,1,2", "one adapter per arm and seed", valid=SEEDS)
+    arms: str = opt(ARMS, "the adapters: 'name=coin.py flags' pairs separated by ';', one of them named "
+                          f"{BASELINE}, which every other arm is compared with")
     out: str = opt("runs/replicate", "output dir")
     eval_rows: int = opt(60, "rows per task evaluated: held out, or drawn from --eval-dir", valid=COUNT)
     base_rows: int = opt(3000, "rows per task that instruction-tune the base", valid=COUNT)
@@ -70,6 +76,7 @@ class ReplicateConfig:
     dim: int = opt(128, "model width", valid=COUNT)
     layers: int = opt(2, "decoder layers", valid=COUNT)
     vocab: int = opt(1000, "BPE pieces of the tokenizer trained on the base's rows", valid=COUNT)
+    base_seed: int = opt(0, "seed of the base's weights and data order", valid=SEED)
     base_steps: int = opt(500, "full-weight steps of the base", valid=COUNT)
     base_lr: float = opt(2e-3, "peak learning rate of the base", valid=POSITIVE)
     batch_size: int = opt(32, "examples per step, base and adapters", valid=COUNT)
@@ -80,9 +87,32 @@ class ReplicateConfig:
     eval_batch_size: int = opt(64, "inputs per evaluation batch", valid=COUNT)
 
 
+def parse_arms(text):
+    """{name: the coin.py flags it gives, as parse_flags returns them} of --arms: "name=flags; ...", each
+    arm's flags checked by coin.py's own parser; a ValueError names the arm at fault."""
+    arms = {}
+    for pair in filter(str.strip, text.split(";")):
+        name, equals, flags = (part.strip() for part in pair.partition("="))
+        if not equals or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in arms:
+            raise ValueError(f"--arms: {pair.strip()!r} is not name=flags with a new name of letters, "
+                             "digits, '.', '_' or '-'")
+        try:
+            arms[name] = parse_flags(TrainConfig, shlex.split(flags))
+        except (SystemExit, ValueError) as e:  # argparse's one-line error, or shlex's unclosed quote
+            raise ValueError(f"--arms: arm {name}: {str(e).removeprefix('error: ')}") from None
+        shared = sorted(set(arms[name]) & set(SHARED))
+        if shared:
+            raise ValueError(f"--arms: arm {name}: --{shared[0].replace('_', '-')} is replicate.py's to set, "
+                             "the same for every arm")
+    if BASELINE not in arms:
+        raise ValueError(f"--arms: no arm named {BASELINE}, which every other arm is compared with")
+    return arms
+
+
 def check(cfg):
-    """(tasks, seeds, templates, prompt set, rows split): every file, row and name, before any writing."""
-    tasks, seeds = cfg.tasks.split(","), [int(s) for s in cfg.seeds.split(",")]
+    """(tasks, seeds, arms, templates, prompt set, rows split): every file, row, name and arm, before any
+    writing. A rerun may add seeds and arms to a run; anything else must be as before."""
+    tasks, seeds, arms = cfg.tasks.split(","), [int(s) for s in cfg.seeds.split(",")], parse_arms(cfg.arms)
     templates, prompt_set = load_templates(cfg.templates), load_prompt_set(cfg.prompts)
     for task in tasks:
         for folder, flag in ((cfg.train_dir, "--train-dir"), (cfg.eval_dir, "--eval-dir")):
@@ -97,10 +127,15 @@ def check(cfg):
         raise ValueError(f"{cfg.prompts}: no 'clean' group, which the perturbed groups are compared with")
     if Path(cfg.out).is_file():
         raise ValueError(f"--out {cfg.out}: a file, not a directory; give a directory for the run")
-    saved = Path(cfg.out) / "replicate.json"
-    if saved.is_file() and read_json(saved) != asdict(cfg):
+    saved, free = Path(cfg.out) / "replicate.json", ("seeds", "arms")
+    if saved.is_file() and any(read_json(saved).get(k) != v for k, v in asdict(cfg).items() if k not in free):
         raise ValueError(f"{saved}: made with other settings; give another --out, or the same flags")
-    return tasks, seeds, templates, prompt_set, {task: split_rows(cfg, task) for task in tasks}
+    for seed, (name, flags) in itertools.product(seeds, arms.items()):
+        trained = Path(cfg.out) / f"seed{seed}" / name / "arm.json"
+        if trained.is_file() and read_json(trained) != flags:
+            raise ValueError(f"{trained}: arm {name} was trained with other flags ({read_json(trained)}); "
+                             "give the arm another name, or its flags as before")
+    return tasks, seeds, arms, templates, prompt_set, {task: split_rows(cfg, task) for task in tasks}
 
 
 # -----------------------------------------------------------------------------
@@ -155,12 +190,12 @@ def train_base(cfg, data, folder):
     examples, _ = load_examples(data)
     args = ModelArgs(dim=cfg.dim, n_layers=cfg.layers, n_heads=max(1, cfg.dim // 32), vocab_size=cfg.vocab,
                      intermediate_size=cfg.dim * 8 // 3, norm_eps=1e-5, tie_word_embeddings=True)
-    scratch = build_tiny_base(examples, seed=0, args=args)  # random weights, a tokenizer trained on examples
+    scratch = build_tiny_base(examples, cfg.base_seed, args)  # random weights, a tokenizer trained on them
     model, tokenizer = load_model(scratch.name), load_tokenizer(scratch.name)
     dataset = ContrastiveDataset(examples, tokenizer, cfg.cutoff)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
     windows = (step for epoch in itertools.count()
-               for step in epoch_steps(dataset.groups, cfg.batch_size, cfg.batch_size, 0, epoch,
+               for step in epoch_steps(dataset.groups, cfg.batch_size, cfg.batch_size, cfg.base_seed, epoch,
                                        lengths=dataset.lengths))
     model.train()
     for step, (indices,) in enumerate(itertools.islice(windows, cfg.base_steps)):  # one micro-batch a step
@@ -181,67 +216,24 @@ def train_base(cfg, data, folder):
     return dict(last_answer_loss=round(parts["gen"] / groups, 4))
 
 
-def arm_config(cfg, data, base, seed, arm, out):
-    """coin.py's settings of one adapter: the two arms differ in `contrastive` alone."""
-    return TrainConfig(data=str(data), base=str(base), out=str(out), max_steps=cfg.tune_steps,
-                       batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.tune_lr,
-                       cutoff=cfg.cutoff, seed=seed, contrastive=arm == "coin", grad_checkpointing=False,
-                       device="cpu", dtype="fp32", save_every=20, resume=True)
+def arm_config(cfg, data, base, seed, flags, out):
+    """coin.py's settings of one adapter: replicate.py's, the same for every arm, then the arm's own flags."""
+    shared = dict(data=str(data), base=str(base), out=str(out), max_steps=cfg.tune_steps, seed=seed,
+                  batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.tune_lr,
+                  cutoff=cfg.cutoff, grad_checkpointing=False, device="cpu", dtype="fp32", save_every=20,
+                  resume=True)
+    return TrainConfig(**dict(shared, **flags))
 
 
-def train_arm(tune):
-    """Train one adapter (coin.py); return its first and last steps' losses and weight (metrics.jsonl)."""
+def train_arm(tune, flags):
+    """Train one adapter (coin.py), its flags recorded first in arm.json; return its losses and diagnostics
+    over the first and the last tenth of the steps (diagnostics.ends)."""
+    Path(tune.out).mkdir(parents=True, exist_ok=True)
+    write_atomically(Path(tune.out) / "arm.json", json.dumps(flags))
     out = train(tune)
     if not (out / "adapter_model.safetensors").is_file():  # Ctrl-C: coin.py saved a checkpoint and stopped
         raise SystemExit(f"interrupted in {out}; run the same command again to continue")
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {f"{key}_{end}": steps[i][key] for key in ("gen", "ctr", "weight") for end, i in (("first", 0),
-                                                                                              ("last", -1))}
-
-
-# -----------------------------------------------------------------------------
-# 4. Scores: unseen instructions (clean and perturbed), seen templates, hidden states
-
-def seen_records(model, tokenizer, templates, rows, task, ecfg):
-    """(cells, records) of the SEEN group: the rows rendered with the first three training templates that
-    list the options, in coin.py's format."""
-    listing = [t for t in templates[FLAN_NAME[task]] if "{options_}" in t[0] and t[1] == "{answer}"][:3]
-    gold = [LABELS[task][label_id(task, r["label"], task)] for r in rows]
-    cells, records = {}, {}
-    for p, (text, _) in enumerate(listing):
-        key = f"{task}/{SEEN}/{p}"
-        cells[key] = (task, SEEN, p, text)
-        inputs = [PROMPT_TEMPLATE.format(instruction=render(text, flan_row(FLAN_NAME[task], r, task)))
-                  for r in rows]
-        records[key] = [dict(task=task, group=SEEN, prompt_index=p, idx=i, raw=raw, pred=pred, gold=gold[i])
-                        for i, (raw, pred) in enumerate(predict(model, tokenizer, inputs, task, ecfg))]
-    return cells, records
-
-
-def score_arm(cfg, base, adapter, tasks, templates, prompt_set):
-    """results.json's content (report.summarize) for one adapter on the evaluation rows build_data wrote,
-    plus its hidden-state similarities."""
-    eval_dir = Path(cfg.out) / "data" / "eval"
-    model, tokenizer = load_model(base), load_tokenizer(base)
-    load_adapter(model, adapter)
-    merge_lora(model)  # the same scores (tests/test_lora.py), without the adapter's extra matmuls
-    ecfg = EvalConfig(mode="rank", format="train", batch_size=cfg.eval_batch_size)
-    rows = {t: labelled_rows(eval_dir / f"{t}.jsonl", t) for t in tasks}
-    data = {t: [example(t, r, t) for r in rows[t]] for t in tasks}  # [{content, label}], as load_task's
-    samples = {t: {g: list(range(len(rows[t]))) for g in prompt_set} for t in tasks}  # every group, every row
-    cells, records = {}, {}
-    for t in tasks:  # task by task: the seen templates, then the prompt file's groups
-        seen_cells, seen = seen_records(model, tokenizer, templates, rows[t], t, ecfg)
-        unseen_cells = plan_cells(prompt_set, [t], list(prompt_set))
-        cells.update(seen_cells | unseen_cells)
-        records.update(seen | {key: cell_records(model, tokenizer, data, samples, cell, ecfg)
-                               for key, cell in unseen_cells.items()})
-    results = summarize(cells, records, dict(mode="rank", format="train", adapter=str(adapter)))
-    first = tasks[0]  # paper §5.1: one task's last-token states, each group's inputs prompt-major
-    texts = {g: [build_input(instruction, ex["content"], "train") for t, group, _, instruction
-                 in cells.values() if t == first and group == g for ex in data[first]] for g in prompt_set}
-    hidden, _ = hidden_report(model, tokenizer, first, texts, len(data[first]), cfg.eval_batch_size, adapter)
-    return dict(results, hidden_cosine_to_clean=hidden["cosine_to_clean"], hidden_task=first)
+    return ends(read_metrics(out))
 
 
 # -----------------------------------------------------------------------------
@@ -259,25 +251,24 @@ def stage(path, make):
 def replicate(cfg):
     """Run the stages (the module's docstring), each skipped when done; write and print the report."""
     started, out = time.perf_counter(), Path(cfg.out)
-    tasks, seeds, templates, prompt_set, parts = check(cfg)
+    tasks, seeds, arms, templates, prompt_set, parts = check(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "replicate.json").is_file():
-        write_atomically(out / "replicate.json", json.dumps(asdict(cfg), indent=1))
+    write_atomically(out / "replicate.json", json.dumps(asdict(cfg), indent=1))
     data, base = out / "data", out / "base"
     sizes = stage(data / "sizes.json", lambda: build_data(cfg, parts, templates, data))
     seconds = dict(data=sizes.pop("seconds"))
     print("rows per task: " + "; ".join(f"{t} {json.dumps(s)}" for t, s in sizes.items()))
     seconds["base"] = stage(base / "done.json", lambda: train_base(cfg, data / "base.jsonl", base))["seconds"]
     scores = {}
-    for seed, arm in itertools.product(seeds, ARMS):
+    for seed, (arm, flags) in itertools.product(seeds, arms.items()):
         arm_dir = out / f"seed{seed}" / arm
-        tune = arm_config(cfg, data / "tune.jsonl", base, seed, arm, arm_dir)
-        trained = stage(arm_dir / "trained.json", lambda: train_arm(tune))
-        scores[seed, arm] = stage(arm_dir / "scores.json",
-                                  lambda: score_arm(cfg, base, arm_dir, tasks, templates, prompt_set))
+        tune = arm_config(cfg, data / "tune.jsonl", base, seed, flags, arm_dir)
+        trained = stage(arm_dir / "trained.json", lambda: train_arm(tune, flags))
+        scores[seed, arm] = stage(arm_dir / "scores.json", lambda: score_adapter(
+            base, arm_dir, data / "eval", tasks, templates, prompt_set, cfg.eval_batch_size))
         scores[seed, arm]["training"] = trained
         seconds[f"seed{seed}/{arm}"] = dict(train=trained["seconds"], score=scores[seed, arm]["seconds"])
-    write_report(out, dict(config=asdict(cfg), rows=sizes, seconds=seconds), scores, seeds,
+    write_report(out, dict(config=asdict(cfg), rows=sizes, seconds=seconds), scores, seeds, arms,
                  time.perf_counter() - started)
 
 

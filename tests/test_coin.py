@@ -187,7 +187,7 @@ def test_the_objective_does_not_depend_on_the_micro_batch_size(stories, size, po
     for name in whole_grads:
         assert_close(split_grads[name], whole_grads[name], name)
     _, batch_grads = step_loss_and_gradients(model, split, "batch", pooling)  # SimCSE-style: it does depend
-    if size > 2:  # (on the gradients: uncapped, w * L_ctr equals L_gen whatever the negatives, and so the loss)
+    if size > 2:  # on the gradients: uncapped, w * L_ctr = L_gen whatever the negatives, and so is the loss
         assert any((batch_grads[n] - whole_grads[n]).abs().max() > 1e-3 * whole_grads[n].abs().max()
                    for n in whole_grads)
 
@@ -212,8 +212,8 @@ def test_the_objective_equals_the_official_contrastive_llama(stories, tmp_path, 
 
 
 def official_pooling(hidden, mode):
-    """ContrastiveLlama.get_pooled_hidden_states re-expressed for unpadded rows hidden (R, L, D): pooling_method
-    last, average_all (our mean) or max."""
+    """ContrastiveLlama.get_pooled_hidden_states re-expressed for unpadded rows hidden (R, L, D): its
+    pooling_method last, average_all (our mean) or max."""
     return {"last": lambda: hidden[:, -1], "mean": lambda: hidden.mean(1),
             "max": lambda: hidden.max(1).values}[mode]()
 
@@ -237,7 +237,8 @@ def test_cosine_sums_are_each_anchors_positive_and_hardest_negative():
     a, b = torch.randn(6, 8), torch.randn(6, 8)
     groups = torch.tensor([0, 1, 0, 1, 0, 1])  # two negatives per anchor: the hardest is the larger cosine
     cos = F.cosine_similarity(a[:, None], b[None], dim=-1)  # (B, B): cos[i, j] = cos(a_i, b_j)
-    for within_groups, candidate in ((True, groups[:, None] == groups[None, :]), (False, torch.ones(6, 6) > 0)):
+    for within_groups, candidate in ((True, groups[:, None] == groups[None, :]),
+                                     (False, torch.ones(6, 6, dtype=torch.bool))):
         negative = candidate & ~torch.eye(6, dtype=torch.bool)
         hardest_ab = cos.masked_fill(~negative, -2).amax(1)  # each original's most similar other paraphrase
         hardest_ba = cos.masked_fill(~negative, -2).amax(0)  # each paraphrase's most similar other original

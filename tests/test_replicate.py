@@ -1,5 +1,6 @@
 """Tests for replicate.py, comparison.py and toy_data.py: disjoint rows, the whole run in miniature, resume,
 the report's structure, the toy data rebuilt byte for byte, and one-line errors for bad input."""
+import itertools
 import json
 import math
 from pathlib import Path
@@ -7,10 +8,12 @@ from pathlib import Path
 import pytest
 
 import comparison
+import plots
 import replicate
 import toy_data
 from conftest import ROOT, shared, write_jsonl
 from data import load_examples
+from diagnostics import read_metrics
 
 TOY = ROOT / "examples" / "toy_glue"
 # A run small enough for a test: one layer, few steps, few rows; the shipped toy data and prompt file.
@@ -23,10 +26,13 @@ def run(out, *flags):
     return json.loads((out / "report.json").read_text())
 
 
+ARMS = "continual=--no-contrastive; coin=; mean8=--pooling mean --lam 1e8"  # three arms, one with its term on
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("replicate")
-    return out, run(out, "--seeds", "3")
+    return out, run(out, "--seeds", "3", "--arms", ARMS)
 
 
 def texts_of(path):
@@ -53,7 +59,7 @@ def test_training_and_evaluation_rows_never_overlap(tmp_path, eval_dir):
     for a, b in (("eval", "base"), ("eval", "tune"), ("base", "tune")):
         assert not set(texts[a]) & set(texts[b]), (a, b)
     # and in the files the run trains on: no evaluated sentence is inside any rendered instruction
-    _, _, templates, _, split = replicate.check(cfg)
+    _, _, _, templates, _, split = replicate.check(cfg)
     assert split["sst2"] == parts
     replicate.build_data(cfg, split, templates, tmp_path / "data")
     evaluated = texts_of(tmp_path / "data" / "eval" / "sst2.jsonl")
@@ -87,83 +93,76 @@ def test_report_has_every_arm_group_and_task_and_paired_differences(tiny_run):
     out, report = tiny_run
     groups = ["seen template", "clean", "deepwordbug", "textfooler", "checklist", "semantic"]
     assert report["groups"] == groups and report["tasks"] == ["sst2", "cola"] and report["seeds"] == [3]
-    for arm in ("continual", "coin"):
-        body = report["arms"][arm]
+    assert list(report["arms"]) == ["continual", "coin", "mean8"]
+    for arm, body in report["arms"].items():
         for g in groups:
             assert 0 <= body["groups"][g]["mean"] <= 100 and body["groups"][g]["std"] >= 0
             assert all(0 <= body["tasks"][t][g]["mean"] <= 100 for t in report["tasks"])
             assert 0 <= body["consistency"][g] <= 100
         assert set(body["hidden_cosine_to_clean"]) == set(groups) - {"seen template", "clean"}
-    for g in groups:  # one seed: a difference and no interval
-        diff = report["coin_minus_continual"][g]["mean"]
-        coin, continual = (report["arms"][a]["groups"][g]["mean"] for a in ("coin", "continual"))
-        assert diff["ci95"] is None and diff["mean"] == pytest.approx(coin - continual)
+        assert set(body["diagnostics"]) == {f"{name}_{end}" for end in ("first", "last") for name in
+                                            ("contrastive_share", "cosine_margin", "weight_capped")}
+    assert list(report["minus_continual"]) == ["coin", "mean8"]
+    for arm, g in itertools.product(("coin", "mean8"), groups):  # one seed: a difference and no interval
+        diff = report["minus_continual"][arm][g]["mean"]
+        ours, continual = (report["arms"][a]["groups"][g]["mean"] for a in (arm, "continual"))
+        assert diff["ci95"] is None and diff["mean"] == pytest.approx(ours - continual)
     text = (out / "report.md").read_text()
-    assert "CoIN - continual" in text and "seen template" in text and "Wall time" in text
-    assert "Training, first -> last step" in text
-    training = {arm: report["arms"][arm]["training"] for arm in ("continual", "coin")}
-    assert training["continual"]["ctr_first"] == 0 and training["coin"]["ctr_first"] > 0
+    assert "- continual [95% CI]" in text and "## seen template" in text and "Wall time" in text
+    assert "| mean8 | `--pooling mean --lam 1e+08` |" in text
+    diagnostics = {arm: report["arms"][arm]["diagnostics"] for arm in report["arms"]}
+    assert diagnostics["continual"]["contrastive_share_first"] == 0
+    assert diagnostics["mean8"]["contrastive_share_first"] == pytest.approx(0.5, abs=1e-6)  # never capped
 
 
-def test_the_two_arms_differ_in_the_contrastive_term_alone(tiny_run):
+def test_the_arms_differ_in_their_own_flags_alone(tiny_run):
     out, _ = tiny_run
-    arms = ("continual", "coin")
+    arms = ("continual", "coin", "mean8")
     configs = {arm: json.loads((out / "seed3" / arm / "config.json").read_text()) for arm in arms}
-    differing = {k for k in configs["coin"] if configs["coin"][k] != configs["continual"][k]}
-    assert differing == {"contrastive", "out"} and configs["coin"]["contrastive"]
+
+    def differing(a, b):
+        return {k for k in configs[a] if configs[a][k] != configs[b][k]}
+    assert differing("coin", "continual") == {"contrastive", "out"} and configs["coin"]["contrastive"]
+    assert differing("mean8", "coin") == {"pooling", "lam", "out"} and configs["mean8"]["lam"] == 1e8
     assert configs["coin"]["base"] == str((out / "base").resolve()) and configs["coin"]["seed"] == 3
-    lines = {arm: (out / "seed3" / arm / "metrics.jsonl").read_text().splitlines() for arm in arms}
-    metrics = {arm: [json.loads(line) for line in lines[arm]] for arm in arms}
+    metrics = {arm: read_metrics(out / "seed3" / arm) for arm in arms}
     assert all(m["ctr"] == 0 for m in metrics["continual"]) and all(m["ctr"] > 0 for m in metrics["coin"])
-    # the same base, data and steps: the first step's generation loss is the same in both arms
-    assert metrics["coin"][0]["gen"] == pytest.approx(metrics["continual"][0]["gen"], rel=1e-6)
-    assert len(metrics["coin"]) == len(metrics["continual"]) == 2
+    # the same base, data and steps: the first step's generation loss is the same in every arm
+    for arm in ("coin", "mean8"):
+        assert metrics[arm][0]["gen"] == pytest.approx(metrics["continual"][0]["gen"], rel=1e-6)
+        assert len(metrics[arm]) == len(metrics["continual"]) == 2
 
 
 def test_a_rerun_resumes_from_the_stages_already_done(tiny_run, capsys):
     out, report = tiny_run
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if not p.name.startswith("report")}
-    again = run(out, "--seeds", "3")
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")
+              if not p.name.startswith(("report", "replicate"))}  # the run's own record is rewritten
+    again = run(out, "--seeds", "3", "--arms", ARMS)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
     assert again["arms"] == report["arms"]
+    more = run(out, "--seeds", "3", "--arms", ARMS + "; lam1=--lam 1")  # an arm added: it alone is trained
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / "seed3" / "lam1" / "trained.json").is_file()
+    assert list(more["arms"]) == ["continual", "coin", "mean8", "lam1"]
+    assert more["arms"]["coin"] == report["arms"]["coin"]
 
 
-def test_the_plot_draws_both_arms_per_group_or_is_skipped_without_matplotlib(tiny_run, monkeypatch):
+def test_the_plot_is_drawn_with_matplotlib_and_skipped_without(tiny_run, monkeypatch, tmp_path):
     _, report = tiny_run
-    drawn = []
-
-    class Axes:  # records what save_plot draws: matplotlib is an optional extra
-        def bar(self, x, heights, width, yerr, capsize, label):
-            drawn.append((label, heights, yerr))
-
-        def set_xticks(self, ticks, labels, rotation):
-            assert labels == report["groups"]
-
-        def set(self, **labels):
-            pass
-
-        def legend(self):
-            pass
-
-    class Pyplot:
-        def subplots(self, figsize):
-            return None, Axes()
-
-    monkeypatch.setattr(comparison, "save_figure", lambda plt, fig, path: path)
-    monkeypatch.setattr(comparison, "pyplot", lambda: Pyplot())
-    assert comparison.save_plot(report, Path("report.png")) == Path("report.png")
-    assert [label for label, _, _ in drawn] == ["continual", "coin"]
-    groups = report["arms"]["coin"]["groups"]
-    assert drawn[1][1] == [groups[g]["mean"] for g in report["groups"]]
-    assert drawn[1][2] == [groups[g]["std"] for g in report["groups"]]
-    monkeypatch.setattr(comparison, "pyplot", lambda: None)
-    assert comparison.save_plot(report, Path("report.png")) is None
+    monkeypatch.setattr(plots, "pyplot", lambda: None)  # matplotlib is an optional extra
+    assert plots.save_arms_plot(report, tmp_path / "report.png") is None
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert plots.save_arms_plot(report, tmp_path / "report.png") == tmp_path / "report.png"
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_rerun_with_other_settings_or_a_file_as_out_is_refused(tiny_run, tmp_path):
     out, _ = tiny_run
     with pytest.raises(SystemExit, match="replicate.json: made with other settings; give another --out"):
-        run(out, "--seeds", "4")
+        run(out, "--seeds", "3", "--arms", ARMS, "--tune-steps", "3")
+    with pytest.raises(SystemExit, match="mean8/arm.json: arm mean8 was trained with other flags"):
+        run(out, "--seeds", "3", "--arms", "continual=--no-contrastive; mean8=--pooling max")
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit, match="a file, not a directory"):
         run(tmp_path / "a_file")
@@ -223,6 +222,13 @@ def bad_cases(tmp_path):
         (["--templates", str(tmp_path / "other.json")], "other.json: no templates for 'sst2'"),
         (["--eval-rows", "5000"], "leave fewer than 100 for the base"),
         (["--prompts", str(tmp_path / "typos.json")], "typos.json: no 'clean' group"),
+        (["--arms", "coin=; mean=--pooling mean"], "--arms: no arm named continual, which every other arm"),
+        (["--arms", "continual=--no-contrastive; a/b=--lam 10"], "--arms: 'a/b=--lam 10' is not name=flags"),
+        (["--arms", "continual=--no-contrastive; coin=; coin=--lam 1"], "'coin=--lam 1' is not name=flags"),
+        (["--arms", "continual=--no-contrastive; x=--lam 0"], "arm x: argument --lam: 0 is out of range"),
+        (["--arms", "continual=--no-contrastive; x=--unknown 1"], "arm x: unrecognized arguments: --unknown"),
+        (["--arms", "continual=--seed 3"], "arm continual: --seed is replicate.py's to set, the same for"),
+        (["--arms", "continual=--lr '1e-3"], "arm continual: No closing quotation"),
     ]
 
 
