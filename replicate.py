@@ -191,9 +191,7 @@ def arm_config(cfg, data, base, seed, arm, out):
 
 def train_arm(tune):
     """Train one adapter (coin.py); return its first and last steps' losses and weight (metrics.jsonl)."""
-    out = train(tune)
-    if not (out / "adapter_model.safetensors").is_file():  # Ctrl-C: coin.py saved a checkpoint and stopped
-        raise SystemExit(f"interrupted in {out}; run the same command again to continue")
+    out = train(tune)  # a signal: coin.py saves, then exits with checkpoints.STOPPED; a rerun continues
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {f"{key}_{end}": steps[i][key] for key in ("gen", "ctr", "weight") for end, i in (("first", 0),
                                                                                               ("last", -1))}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import coin
 from data import ContrastiveDataset, collate, load_examples
 from official_coin import official_step
-from checkpoints import restore_checkpoint, save_checkpoint
+from checkpoints import STOPPED, restore_checkpoint, save_checkpoint
 from hf_io import load_adapter, load_model, load_tokenizer, read_adapter_tensors, save_adapter
 from model import Llama, ModelArgs, apply_lora, lora_state_dict
 
@@ -278,8 +278,11 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, stor
     flags = ("--max-steps", "6", "--save-every", "100")
     straight = run(tmp_path, stories_dir, *flags, out="straight")
     interrupt_after(monkeypatch, 3)
-    resumed = run(tmp_path, stories_dir, *flags, out="resumed")
-    assert (resumed / "checkpoint-000003").is_dir() and not (resumed / "adapter_model.safetensors").exists()
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path, stories_dir, *flags, out="resumed")
+    resumed = tmp_path / "resumed"
+    assert stopped.value.code == STOPPED and (resumed / "checkpoint-000003").is_dir()
+    assert not (resumed / "adapter_model.safetensors").exists()
     monkeypatch.undo()
     coin.main(["--out", str(resumed), "--resume"])  # every other setting comes from resumed/config.json
     _, expected = read_adapter_tensors(straight)
