@@ -1,19 +1,23 @@
-"""Several processes (torchrun, gloo on CPU) compute what one process computes: the same LoRA weights after
-a few steps, the same evaluation files; a group never straddles two processes; only rank 0 writes."""
+"""Several processes (torchrun, gloo on CPU) compute what one process computes: each step's gradients, to what
+the order of fp32 sums can change, and the same evaluation files; a group never straddles two processes; only
+rank 0 writes; a signal stops every process after the same step."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 import coin
 import evaluate
+from checkpoints import STOPPED
 from conftest import ROOT
 from data import epoch_steps
 from distributed import World, shard
-from hf_io import read_adapter_tensors
 
 DEMO = ROOT / "examples" / "flan_coin_demo.jsonl"
 TIMEOUT = 300
@@ -35,15 +39,38 @@ def train_flags(stories, out, micro_batch_size=4, negatives="group"):
     return [str(flag) for flag in flags]
 
 
-def assert_same_weights(one, two, rtol=1e-5):
-    """The LoRA tensors of two adapters agree: |a - b| <= rtol |a| for each tensor (Frobenius norms). Not to
-    the bit: one process adds its micro-batches' gradients one by one, DDP adds each process's total, and
-    fp32 sums associate differently by about 1e-7, which Adam carries into the weights."""
-    (_, expected), (_, actual) = read_adapter_tensors(one), read_adapter_tensors(two)
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        error = (expected[name] - actual[name]).norm().item()
-        assert error <= rtol * expected[name].norm().item(), (name, error / expected[name].norm().item())
+U = 2.0**-24  # fp32's unit roundoff
+
+
+def step_gradients(out, flags, processes=2, frozen=False):
+    """Each optimizer step's LoRA gradients in a coin.py run of `processes` processes (step_gradients.py)."""
+    path = out.with_name(out.name + "-gradients.pt")
+    torchrun("tests/step_gradients.py", path, *(["--frozen"] if frozen else []), *flags, processes=processes)
+    return torch.load(path)
+
+
+def assert_same_gradients(one, two, tokens):
+    """Each step's gradients of two runs, taken at the same weights, agree to what the order of fp32 sums
+    can change: |a - b| <= N u |g| entry by entry, for a step of N real tokens and gradient norm |g|.
+
+    Both runs add the same per-token terms, in other orders and groupings: one process accumulates its
+    micro-batches one after the other, DDP all-reduces each process's total, and micro-batches of other sizes
+    run GEMMs of other shapes over other padding. However a sum of N fp32 terms is ordered, it errs by at most
+    (N - 1) u times the sum of their magnitudes (Higham, Accuracy and Stability of Numerical Algorithms,
+    §4.2); the step's gradient norm stands in for that sum. Comparing weights after AdamW steps has no such
+    bound: Adam's first update is about lr for every entry whatever its gradient's size, so an entry whose
+    gradient is within rounding of zero moves by lr one way or the other, by how the CPU's kernels round.
+    """
+    assert len(one) == len(two) == len(tokens)
+    norms = [torch.cat([g.flatten() for g in step.values()]).norm().item() for step in one]
+    tolerances = [n * U * norm for n, norm in zip(tokens, norms)]
+    for step, (a, b, tolerance) in enumerate(zip(one, two, tolerances), 1):
+        assert a.keys() == b.keys()
+        for name in a:
+            error = (a[name] - b[name]).abs().max().item()
+            assert error <= tolerance, (step, name, error, tolerance)
+    if len(one) > 1:  # a step compared with the wrong step would fail: they differ far beyond the tolerance
+        assert max((one[0][k] - one[1][k]).abs().max().item() for k in one[0]) > 10 * tolerances[0]
 
 
 @pytest.mark.parametrize("negatives, micro_two, micro_one", [
@@ -51,37 +78,87 @@ def assert_same_weights(one, two, rtol=1e-5):
     ("group", 2, 8),  # the objective is per group: any micro-batch size on either side
     ("batch", 2, 4),  # batch negatives span the micro-batches run side by side: one process at twice the size
 ])
-def test_two_processes_train_the_weights_one_process_trains(tmp_path, stories_dir, negatives, micro_two,
-                                                             micro_one):
-    torchrun("coin.py", *train_flags(stories_dir, tmp_path / "one", micro_one, negatives), processes=1)
-    torchrun("coin.py", *train_flags(stories_dir, tmp_path / "two", micro_two, negatives))
-    assert_same_weights(tmp_path / "one", tmp_path / "two")
-    one, two = (tmp_path / "one", tmp_path / "two")
+def test_two_processes_compute_the_gradients_one_process_computes(tmp_path, stories_dir, negatives, micro_two,
+                                                                 micro_one):
+    """Every step at the same weights (--frozen: learning rate 0, so AdamW leaves them as they were; LoRA B
+    stays 0, so only B has gradients), the step's data, loss and gradients equal one process's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    expected = step_gradients(one, train_flags(stories_dir, one, micro_one, negatives), 1, frozen=True)
+    actual = step_gradients(two, train_flags(stories_dir, two, micro_two, negatives), 2, frozen=True)
     assert {p.name for p in one.iterdir()} == {p.name for p in two.iterdir()}  # rank 0 alone wrote
     lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    expected = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3] and all(r["world_size"] == 2 for r in lines)
     assert all(r["examples"] == 8 and r["examples_per_process"] == 4 for r in lines)
-    for mine, theirs in zip(lines, expected):
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
-        assert mine["negatives_per_anchor"] == theirs["negatives_per_anchor"]
+    for mine, reference in zip(lines, theirs):
+        assert mine["real_tokens"] == reference["real_tokens"]  # the same examples in each step
+        assert mine["loss"] == pytest.approx(reference["loss"], rel=mine["real_tokens"] * U, abs=0)
+        assert mine["negatives_per_anchor"] == reference["negatives_per_anchor"]
+    assert_same_gradients(expected, actual, [r["real_tokens"] for r in theirs])
     assert json.loads((two / "config.json").read_text())["world_size"] == 2
 
 
-def test_a_run_resumes_with_another_number_of_processes(tmp_path, stories_dir, monkeypatch):
-    coin.main(train_flags(stories_dir, tmp_path / "straight"))
+def stopped_after_two_steps(stories_dir, out, monkeypatch):
+    """One process, stopped by a Ctrl-C after its second step of three: checkpoint-000002."""
     real_step, steps = coin.train_step, []
 
-    def step_then_ctrl_c(*args):  # one process, stopped by a Ctrl-C after its second step
+    def step_then_ctrl_c(*args):
         steps.append(real_step(*args))
         if len(steps) == 2:
             os.kill(os.getpid(), signal.SIGINT)
         return steps[-1]
     monkeypatch.setattr(coin, "train_step", step_then_ctrl_c)
-    coin.main(train_flags(stories_dir, tmp_path / "resumed"))
-    assert (tmp_path / "resumed" / "checkpoint-000002").is_dir()
-    torchrun("coin.py", "--out", tmp_path / "resumed", "--resume")  # two processes finish it
-    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+    with pytest.raises(SystemExit) as stopped:
+        coin.main(train_flags(stories_dir, out))
+    monkeypatch.undo()
+    assert stopped.value.code == STOPPED and (out / "checkpoint-000002").is_dir()
+
+
+def test_a_run_resumes_with_another_number_of_processes(tmp_path, stories_dir, monkeypatch):
+    """Two processes resume a one-process run: step 3 starts from the checkpoint's weights, optimizer and
+    schedule, and computes the gradients one process computes from the same checkpoint."""
+    for name in ("one", "two"):  # the same run twice: the same weights, bit for bit, in both
+        stopped_after_two_steps(stories_dir, tmp_path / name, monkeypatch)
+    one = step_gradients(tmp_path / "one", ["--out", tmp_path / "one", "--resume"], 1)
+    two = step_gradients(tmp_path / "two", ["--out", tmp_path / "two", "--resume"], 2)
+    lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["world_size"]) for r in lines] == [(1, 1), (2, 1), (3, 2)]
+    assert_same_gradients(one, two, [lines[2]["real_tokens"]])
+    assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
+
+
+def workers(pid):
+    """The processes that process `pid` started (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = stat.read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        found += [int(stat.parent.name)] * (parent == str(pid))
+    return found
+
+
+def test_sigterm_to_every_process_of_a_job_stops_every_rank_after_the_same_step(tmp_path, stories_dir):
+    """SLURM signals every process of a job step, torchrun forwards what it gets to its workers: each worker
+    gets SIGTERM twice, milliseconds apart. That is one signal (checkpoints.StopOnSignal), not the second
+    that stops at once: every rank finishes the step, rank 0 saves it, and the run stops."""
+    out = tmp_path / "out"
+    flags = train_flags(stories_dir, out)
+    flags[flags.index("--max-steps") + 1] = "100"
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", "coin.py", *flags], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.02)
+    for pid in workers(launcher.pid) + [launcher.pid]:
+        os.kill(pid, signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=TIMEOUT)
+    saved = len((out / "metrics.jsonl").read_text().splitlines())
+    assert f"SIGTERM: saved step {saved} in {out}; continue with --resume (exit status 75)" in stdout, stderr
+    assert (out / f"checkpoint-{saved:06d}").is_dir() and saved < 100
 
 
 def test_each_process_takes_whole_micro_batches_in_turn():
