@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import coin
+from conftest import assert_same_gradients
 from data import ContrastiveDataset, collate, load_examples
 from official_coin import official_step
 from checkpoints import STOPPED, restore_checkpoint, save_checkpoint
@@ -146,13 +147,6 @@ def test_generation_loss_on_supervised_positions_equals_full_vocabulary_ce(stori
         assert math.isclose(ours[g].item(), expected.item(), rel_tol=1e-5)
 
 
-def assert_close(actual, expected, name, rel=1e-5):
-    """|actual - expected| <= rel * max |expected|, entry by entry: a relative tolerance on the tensor's
-    scale (different paddings reorder fp32 sums, so tiny entries differ more than 1e-5 of themselves)."""
-    error = (actual - expected).abs().max().item()
-    assert error <= rel * expected.abs().max().item(), (name, error, expected.abs().max().item())
-
-
 def step_loss_and_gradients(model, micro_batches, negatives="group"):
     """What one optimizer step accumulates: the step's loss and the LoRA gradients."""
     model.zero_grad()
@@ -175,8 +169,7 @@ def test_the_objective_does_not_depend_on_the_micro_batch_size(stories, size):
     split_loss, split_grads = step_loss_and_gradients(model, split)
     assert math.isclose(whole_loss, split_loss, rel_tol=1e-5)
     assert all(whole_grads[n].abs().sum() > 0 for n in whole_grads)
-    for name in whole_grads:
-        assert_close(split_grads[name], whole_grads[name], name)
+    assert_same_gradients(split_grads, whole_grads, int(whole["attention_mask"].sum()))
     batch_loss, _ = step_loss_and_gradients(model, split, negatives="batch")  # SimCSE-style: it does depend
     if size > 2:
         assert not math.isclose(whole_loss, batch_loss, rel_tol=1e-3)
@@ -196,9 +189,8 @@ def test_the_objective_equals_the_official_contrastive_llama(stories, tmp_path, 
     ours, our_grads = step_loss_and_gradients(model, [collate(items[i:i + 2], tokenizer.pad_id)
                                                       for i in range(0, 16, 2)])
     assert math.isclose(ours, official.item(), rel_tol=1e-5)
-    assert our_grads.keys() == their_grads.keys()
-    for name in our_grads:
-        assert_close(our_grads[name], their_grads[name], name)
+    tokens = int(collate(items, tokenizer.pad_id)["attention_mask"].sum())
+    assert_same_gradients(our_grads, their_grads, tokens)
 
 
 def test_pooling_takes_each_rows_last_real_token(stories):
