@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import coin
-import evaluate
 from checkpoints import STOPPED
 from conftest import ROOT, U, assert_same_gradients
 from data import epoch_steps
@@ -24,10 +23,12 @@ TIMEOUT = 300
 
 
 def torchrun(script, *argv, processes=2):
-    """Run script under torchrun with `processes` CPU processes; fails with the output if it fails."""
+    """Run script under torchrun with `processes` CPU processes; fails with the output if it fails. Each
+    process runs one thread (torchrun's default for several), so runs in 1 and 2 processes use one kernel."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={processes}", script, *map(str, argv)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -154,9 +155,10 @@ def test_each_process_takes_whole_micro_batches_in_turn():
 
 
 def test_sharded_evaluation_writes_what_one_process_writes(tmp_path, stories_dir):
+    """Byte for byte: a process computes each cell alone, in the same batches, on one thread either way."""
     flags = ["--base", stories_dir, "--glue-dir", ROOT / "examples" / "glue_demo", "--samples", "4",
              "--tasks", "sst2,rte,cola", "--device", "cpu", "--max-new-tokens", "3"]
-    evaluate.main([*map(str, flags), "--out", str(tmp_path / "one")])
+    torchrun("evaluate.py", *flags, "--out", tmp_path / "one", processes=1)
     torchrun("evaluate.py", *flags, "--out", tmp_path / "two")
     for name in ("results.json", "predictions.jsonl", "table.md", "samples.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
