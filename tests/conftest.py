@@ -78,3 +78,17 @@ def assert_same_gradients(actual, expected, tokens):
         error = (actual[name] - expected[name]).abs().max().item()
         assert error <= tolerance, (name, error, tolerance)
     return tolerance
+
+
+def assert_decided_beyond_rounding(model, prompts, answers):
+    """Each greedy choice wins by more than the order of fp32 sums can move a logit: batches of other shapes
+    and padding then pick the same tokens on any CPU. A logit's longest sums run over the sequence's T
+    positions and the MLP's I units; reordered, they err by at most (T + I) u max |logit| (the bound of
+    assert_same_gradients)."""
+    for prompt, answer in zip(prompts, answers):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + answer]))[0, len(prompt) - 1:-1]  # (answer, V)
+        top = logits.topk(2).values  # (answer, 2)
+        assert logits.argmax(-1).tolist() == answer
+        bound = (len(prompt) + len(answer) + model.args.intermediate_size) * U * logits.abs().max().item()
+        assert (top[:, 0] - top[:, 1]).min().item() > bound, "a near tie: pick prompts without one"

@@ -23,7 +23,7 @@ import report
 from data import IGNORE_INDEX, tokenize_view
 from glue import LABELS, TASKS, load_task
 from hf_io import Tokenizer, load_model, load_tokenizer, save_adapter
-from conftest import U
+from conftest import assert_decided_beyond_rounding
 from model import apply_lora, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,20 +265,6 @@ def test_batched_generation_matches_one_at_a_time_token_for_token(stories_dir):
     for batch_size in (1, 4, 13):  # 13: one batch, whose common prefix is BOS alone
         assert evaluate.generate_batched(model, prompts, batch_size, 7, tok.eos_id, tok.pad_id) == reference
     assert all(len(new) == 7 or new[-1] == tok.eos_id for new in reference)
-
-
-def assert_decided_beyond_rounding(model, prompts, answers):
-    """Each greedy choice wins by more than the order of fp32 sums can move a logit: batches of other shapes
-    and padding then pick the same tokens on any CPU. A logit's longest sums run over the sequence's T
-    positions and the MLP's I units; reordered, they err by at most (T + I) u max |logit| (the bound of
-    conftest.assert_same_gradients)."""
-    for prompt, answer in zip(prompts, answers):
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + answer]))[0, len(prompt) - 1:-1]  # (answer, V)
-        top = logits.topk(2).values  # (answer, 2)
-        assert logits.argmax(-1).tolist() == answer
-        bound = (len(prompt) + len(answer) + model.args.intermediate_size) * U * logits.abs().max().item()
-        assert (top[:, 0] - top[:, 1]).min().item() > bound, "a near tie: pick prompts without one"
 
 
 def test_rank_scores_equal_the_log_likelihood_of_each_row_alone(stories_dir):
