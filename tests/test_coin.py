@@ -283,6 +283,12 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, stor
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(straight)]
 
 
+def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, stories_dir, monkeypatch):
+    interrupt_after(monkeypatch, 4)  # of 4: stopping would save what finishing saves, and exit 75 for nothing
+    out = run(tmp_path, stories_dir)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, stories_dir,
                                                                              monkeypatch):
     real_loss, calls = coin.micro_batch_loss, []

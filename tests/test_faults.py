@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import coin
-from checkpoints import STOPPED
+from checkpoints import ECHO_SECONDS, SIGNALS, STOPPED, StopOnSignal
 from conftest import ROOT, shared
 from hf_io import read_adapter_tensors
 
@@ -93,6 +93,20 @@ def assert_resumes_to(straight, out, *extra):
 
 # -----------------------------------------------------------------------------
 # coin.py
+
+
+def test_a_signal_asks_to_stop_its_echo_is_ignored_and_a_second_one_stops_at_once():
+    previous, seen = {sig: signal.getsignal(sig) for sig in SIGNALS}, []
+    with pytest.raises(KeyboardInterrupt), StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        seen.append(stop.received)
+        os.kill(os.getpid(), signal.SIGINT)  # at once: the same signal, forwarded by a launcher
+        seen.append(stop.received)
+        stop.first -= ECHO_SECONDS  # as if a second had passed: a second signal, from someone impatient
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C's own handler: KeyboardInterrupt
+        seen.append("still running")
+    assert seen == ["SIGUSR1", "SIGUSR1"]
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == previous
 
 
 def test_sigterm_finishes_the_step_saves_it_and_exits_stopped(tmp_path, straight):
