@@ -85,7 +85,7 @@ def check_written(folder, model, step):
     for path in folder.iterdir():
         fsync(path)
     fsync(folder)
-    fix = "so the disk may be full or failing: the older checkpoints are kept; free space, then --resume"
+    fix = "so the disk may be full or failing: the older ones are kept; free space or fix it, then --resume"
     try:
         tensors, state = read_checkpoint(folder, fix)
         expected = {key: value.detach().float().cpu() for key, value in lora_state_dict(model).items()}

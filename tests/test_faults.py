@@ -15,10 +15,12 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import coin
-from checkpoints import ECHO_SECONDS, SIGNALS, STOPPED, StopOnSignal
+from checkpoints import ECHO_SECONDS, SIGNALS, STOPPED, StopOnSignal, save_checkpoint
 from conftest import ROOT, shared
-from hf_io import read_adapter_tensors
+from hf_io import load_model, read_adapter_tensors
+from model import apply_lora
 
 DEMO = ROOT / "examples" / "flan_coin_demo.jsonl"
 TIMEOUT = 300  # seconds a process may take: a run below takes ~20 s on a busy 2-core CPU
@@ -183,6 +185,27 @@ def test_save_every_minutes_saves_by_the_clock_and_may_change_on_resume(tmp_path
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
     resumed = coin.parse_config(["--out", str(out), "--resume", "--save-every-minutes", "30"])
     assert resumed.save_every_minutes == 30
+
+
+def test_the_two_newest_checkpoints_stay_and_one_that_does_not_read_back_replaces_none(tmp_path, monkeypatch):
+    model = load_model(shared("models", "stories260K"))
+    apply_lora(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scaler, cfg = torch.amp.GradScaler("cpu", enabled=False), coin.TrainConfig()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, model, optimizer, scaler, cfg, step, skipped=0)
+    kept = ["checkpoint-000002", "checkpoint-000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    real = checkpoints.read_adapter_tensors
+
+    def garbled(folder, fix):  # a disk that returns other bytes than it was given
+        file, tensors = real(folder, fix)
+        return file, {key: tensor + 1 for key, tensor in tensors.items()}
+    monkeypatch.setattr(checkpoints, "read_adapter_tensors", garbled)
+    with pytest.raises(ValueError, match=r"checkpoint-000004.tmp: reads back other weights than were "
+                                         "written, so the disk may be full or failing: the older ones"):
+        save_checkpoint(tmp_path, model, optimizer, scaler, cfg, 4, skipped=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
 
 
 # -----------------------------------------------------------------------------
