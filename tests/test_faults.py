@@ -102,7 +102,7 @@ def test_a_signal_asks_to_stop_its_echo_is_ignored_and_a_second_one_stops_at_onc
     with pytest.raises(KeyboardInterrupt), StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         seen.append(stop.received)
-        os.kill(os.getpid(), signal.SIGINT)  # at once: the same signal, forwarded by a launcher
+        os.kill(os.getpid(), signal.SIGUSR1)  # at once: the same signal, forwarded by a launcher
         seen.append(stop.received)
         stop.first -= ECHO_SECONDS  # as if a second had passed: a second signal, from someone impatient
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C's own handler: KeyboardInterrupt
