@@ -1,60 +1,142 @@
-"""checkpoints.py: what coin.py keeps in its output directory so that no run is ever lost.
+"""checkpoints.py: what coin.py keeps in its output directory so that no run is lost, and how runs stop.
 
 A support module, read after coin.py's training loop. --out holds:
 
     checkpoint-<step>/    the adapter (peft format), config.json and trainer_state.pt (optimizer, fp16 loss
-                          scale, RNG, step); written to a temporary folder and renamed into place, so a crash
-                          leaves the previous checkpoint intact; only the newest is kept
-    metrics.jsonl         one line per optimizer step; on resume, lines after the checkpoint are dropped
+                          scale, RNG, step); written to a temporary folder, flushed to the disk, read back and
+                          then renamed into place, so a crash or a full disk leaves the older ones intact.
+                          The two newest are kept: if the newest is damaged, --resume takes the one before
+    metrics.jsonl         one line per optimizer step; on resume, lines after the checkpoint are dropped, and
+                          so is a half-written last line (the run was killed while appending it)
     config.json           the run's settings (coin.py writes it); --resume reads them back
     adapter_*             the finished run's adapter, for evaluate.py and peft
 
-Ctrl-C asks the loop to save and stop after the current step (`StopOnCtrlC`); `--resume` restores the
-weights, the optimizer, the loss scale and the RNG and skips the steps done, so the resumed run equals an
-uninterrupted one bit for bit.
+A checkpoint is written every --save-every steps, --save-every-minutes after the last one, after the last
+step, and when a signal asks the run to stop: SIGINT (Ctrl-C), SIGTERM (what SLURM, Kubernetes and spot
+instances send before they kill) or SIGUSR1 (what SLURM's --signal sends ahead of time). The run finishes its
+step, saves, and exits with status STOPPED (75), so a job script can tell "saved, run me again" from a
+failure; evaluate.py stops the same way after its current cell. `--resume` restores the weights, the
+optimizer, the loss scale and the RNG and skips the steps done: the resumed run equals an uninterrupted one
+bit for bit.
 """
 import json
+import math
+import os
+import pickle
 import shutil
 import signal
+import time
 from dataclasses import asdict
 
 import torch
+from tqdm import tqdm
 
 from data import IGNORE_INDEX
+from distributed import all_sum, finish
 from files import write_atomically
 from hf_io import read_adapter_tensors, save_adapter
+from model import lora_state_dict
+
+KEEP = 2  # checkpoints kept: a damaged newest one costs the steps since the one before, not the run
+STOPPED = 75  # the exit status of a run saved and stopped by a signal: sysexits.h's EX_TEMPFAIL, "try again"
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+ECHO_SECONDS = 1.0  # a signal repeated sooner is one signal delivered twice (StopOnSignal says why)
 
 # -----------------------------------------------------------------------------
 # 1. Checkpoints
 
 
+def checkpoints(out):
+    """The checkpoint-<step> folders in `out`, oldest first."""
+    found = [path for path in out.glob("checkpoint-*") if path.name[11:].isdigit()]
+    return sorted(found, key=lambda path: int(path.name[11:]))
+
+
+def fsync(path):
+    """Flush a file, or a folder's list of names, from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(out, model, optimizer, scaler, cfg, step, skipped):
-    """Write out/checkpoint-<step> (unless it exists) and delete the older ones; returns its path."""
-    final = out / f"checkpoint-{step:06d}"
-    if final.exists():
-        return final
-    tmp = out / f".checkpoint-{step:06d}.tmp"
+    """Write out/checkpoint-<step>, check that it reads back, then delete all but the KEEP newest; returns
+    its path."""
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp, cfg.base)
     (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     torch.save(dict(step=step, skipped=skipped, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     rng=torch.get_rng_state(), cuda_rng=cuda_rng), tmp / "trainer_state.pt")
+    check_written(tmp, model, step)
     tmp.rename(final)
-    for old in out.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old)
+    fsync(out)  # the rename itself
+    for old in checkpoints(out)[:-KEEP]:
+        shutil.rmtree(old)
     return final
 
 
-def restore_checkpoint(checkpoint, model, optimizer, scaler):
-    """Load a checkpoint's LoRA weights, optimizer, fp16 loss scale and RNG state into the freshly built run;
-    returns the state."""
-    _, tensors = read_adapter_tensors(checkpoint)
+def check_written(folder, model, step):
+    """Flush a new checkpoint to the disk (its files, then its folder), read it back and compare it with the
+    model's LoRA weights; a ValueError, with the folder removed, if it differs: the older ones stay."""
+    for path in folder.iterdir():
+        fsync(path)
+    fsync(folder)
+    fix = "so the disk may be full or failing: the older ones are kept; free space or fix it, then --resume"
+    try:
+        tensors, state = read_checkpoint(folder, fix)
+        expected = {key: value.detach().float().cpu() for key, value in lora_state_dict(model).items()}
+        if state["step"] != step or tensors.keys() != expected.keys() or not all(
+                torch.equal(tensors[key], expected[key]) for key in expected):
+            raise ValueError(f"{folder}: reads back other weights than were written, {fix}")
+    except BaseException:
+        shutil.rmtree(folder)
+        raise
+
+
+def read_checkpoint(checkpoint, fix):
+    """(LoRA tensors, trainer state) of a checkpoint, or a ValueError that names the file it cannot read and
+    ends in `fix`: what to do about it."""
+    try:
+        _, tensors = read_adapter_tensors(checkpoint, fix)
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}; {fix}") from None
+    file = checkpoint / "trainer_state.pt"
+    try:
+        return tensors, torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{file}: cannot be read ({reason}); it is truncated or corrupt, {fix}") from None
+
+
+def restore_checkpoint(checkpoint, model, optimizer, scaler, main=True):
+    """Load the newest readable checkpoint, `checkpoint` or one before it, into the freshly built run: the
+    LoRA weights, the optimizer, the fp16 loss scale and the RNG state; returns its trainer state.
+
+    An unreadable one gets a one-line warning and is set aside as checkpoint-<step>.unreadable (by the main
+    process); when none is left, the ValueError says to start over."""
+    found = checkpoints(checkpoint.parent)
+    found = found[:found.index(checkpoint) + 1]
+    for i in reversed(range(len(found))):
+        fix = (f"set aside as {found[i].name}.unreadable; resuming from the checkpoint before it" if i else
+               "and no checkpoint before it is readable: start the run over with --overwrite")
+        try:
+            tensors, state = read_checkpoint(found[i], fix)
+            break
+        except ValueError as e:
+            if not i:
+                raise
+            print(f"warning: {e}")
+            if main:
+                aside = found[i].with_name(found[i].name + ".unreadable")
+                shutil.rmtree(aside, ignore_errors=True)
+                found[i].rename(aside)
     unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
     if unexpected:
-        raise ValueError(f"{checkpoint}: {unexpected[0]} does not fit this model; was --base changed?")
-    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+        raise ValueError(f"{found[i]}: {unexpected[0]} does not fit this model; was --base changed?")
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])  # the fp16 loss scale and its growth tracker: exact resume
     torch.set_rng_state(state["rng"])
@@ -64,18 +146,18 @@ def restore_checkpoint(checkpoint, model, optimizer, scaler):
 
 
 def find_run(out, resume, overwrite):
-    """The checkpoint to resume from (or None);
+    """The newest checkpoint to resume from (or None);
     refuses to touch a run in `out` unless --resume or --overwrite."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a directory; give a directory for the run")
-    checkpoints = sorted(out.glob("checkpoint-*"))
+    found = checkpoints(out)
     finished = (out / "adapter_model.safetensors").exists()
-    if (checkpoints or finished) and not (resume or overwrite):
+    if (found or finished) and not (resume or overwrite):
         raise ValueError(f"{out} already holds a {'finished' if finished else 'started'} run; "
                          "pass --resume to continue it or --overwrite to start over")
-    if resume and not checkpoints:
+    if resume and not found:
         print(f"{out}: no checkpoint to resume from; starting at step 0")
-    return checkpoints[-1] if resume and checkpoints and not overwrite else None
+    return found[-1] if resume and found and not overwrite else None
 
 
 def clear_run(out):
@@ -87,7 +169,7 @@ def clear_run(out):
 
 
 # -----------------------------------------------------------------------------
-# 2. Metrics and Ctrl-C
+# 2. Metrics
 
 
 def step_counts(batches, within_groups, processes=1):
@@ -105,27 +187,92 @@ def step_counts(batches, within_groups, processes=1):
 
 
 def open_metrics(out, step):
-    """out/metrics.jsonl for appending, without the lines a killed run logged after its last checkpoint."""
+    """out/metrics.jsonl for appending, without the lines a killed run logged after its last checkpoint.
+
+    A last line cut short (no newline, not JSON: the run was killed while appending it) is dropped with a
+    note; any other line that is not a metrics record is a ValueError naming path:line."""
     path = out / "metrics.jsonl"
-    kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-            if json.loads(line)["step"] <= step]
+    text = path.read_text(errors="replace") if path.exists() else ""
+    lines, kept = text.splitlines(), []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            if lineno == len(lines) and not text.endswith("\n"):
+                print(f"{path}:{lineno}: dropped a half-written last line (a kill while it was written)")
+                break
+            raise ValueError(f"{path}:{lineno}: not a metrics line ({e}); delete the line, or start over "
+                             "with --overwrite") from None
+        if logged <= step:
+            kept.append(line)
     write_atomically(path, "".join(line + "\n" for line in kept))
     return open(path, "a")
 
 
-class StopOnCtrlC:
-    """Ctrl-C asks the loop to save and stop after the current step; a second Ctrl-C stops at once."""
+# -----------------------------------------------------------------------------
+# 3. Stopping on a signal: after the current step (coin.py) or cell (evaluate.py), in every process
 
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+class StopOnSignal:
+    """A context in which SIGINT, SIGTERM and SIGUSR1 ask a loop to stop at its next safe point (`received`
+    names the signal); a second one stops at once, through the signal's previous handler (Ctrl-C twice: a
+    KeyboardInterrupt).
+
+    A second signal counts only ECHO_SECONDS after the first. Sooner, it is the first delivered again: SLURM
+    signals every process of a job step, a terminal its whole foreground process group, and torchrun forwards
+    what it received to its workers, so each worker gets the one signal twice, milliseconds apart."""
+
+    def __enter__(self):
+        self.received, self.first = None, 0.0
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in SIGNALS}
+        return self
 
     def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        if not self.received:
+            self.received, self.first = signal.Signals(signum).name, time.monotonic()
+        elif time.monotonic() - self.first > ECHO_SECONDS:
+            self.__exit__()
+            signal.raise_signal(signum)  # to the previous handler, now restored
 
-    def __bool__(self):
-        return self.requested
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)  # None: a handler not set from Python
 
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
+
+def stop_run(received, world, kept):
+    """The SystemExit(STOPPED) that ends a run stopped by a signal, once every process is here; it says what
+    the run `kept`, and how to continue."""
+    tqdm.write(f"{received or 'a signal to another process'}: {kept}; continue with --resume "
+               f"(exit status {STOPPED})")
+    finish(world)
+    return SystemExit(STOPPED)
+
+
+class Saves(StopOnSignal):
+    """When coin.py's loop writes a checkpoint: every `every` steps, `minutes` after the last checkpoint,
+    after the last step, and after a step in which a signal came (the run then stops). Every process decides
+    alike: one all-reduce per step sums the processes' signals and rank 0's clock."""
+
+    def __init__(self, every, minutes, world):
+        self.every, self.seconds, self.world = every, 60 * minutes if minutes else math.inf, world
+        self.last = time.monotonic()
+
+    def after(self, step, total_steps):
+        """(save, stop) after optimizer step `step` of total_steps (1-based)."""
+        late = self.world.main and time.monotonic() - self.last >= self.seconds
+        votes = all_sum(dict(stop=bool(self.received), late=late), self.world)
+        stop = votes["stop"] > 0 and step < total_steps  # a signal during the last step: the run finishes
+        save = stop or votes["late"] > 0 or step % self.every == 0 or step == total_steps
+        if save:
+            self.last = time.monotonic()
+        return save, stop
+
+
+def until_signal(items, world, kept):
+    """Yield `items`, one at a time, until a signal comes to any process (evaluate.py's rounds of cells):
+    then, before the next one, stop with STOPPED. A signal during the last one lets the loop finish."""
+    with StopOnSignal() as stop:
+        for i, item in enumerate(items):
+            if i and all_sum(dict(stop=bool(stop.received)), world)["stop"] > 0:
+                raise stop_run(stop.received, world, kept)
+            yield item

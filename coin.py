@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import StopOnCtrlC, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
-from checkpoints import step_counts
+from checkpoints import Saves, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
+from checkpoints import step_counts, stop_run
 from data import IGNORE_INDEX, ContrastiveDataset, collate, epoch_steps, load_examples
 from diagnostics import PROGRESS, SUMMED, cosine_sums, step_record
 from distributed import World, accumulating, all_sum, finish, gather_rows as gather, shard, start, wrap
@@ -103,12 +103,15 @@ class TrainConfig:
     device: str | None = opt(None, "cuda | cpu (default: cuda when there is a GPU)")
     grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of keeping activations")
     save_every: int = opt(100, "checkpoint every N optimizer steps (and at the end)", valid=COUNT)
+    save_every_minutes: float | None = opt(None, "also checkpoint N minutes after the last checkpoint "
+                                                 "(preemptible machines; SIGTERM saves too)", valid=POSITIVE)
     seed: int = opt(42, "seed of the LoRA init, dropout and data order (CoIN: 42)", valid=SEED)
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = opt(False, "delete the run in --out and start again")
 
 
-RESUMABLE = {"max_steps", "epochs", "save_every", "device", "resume", "overwrite"}  # may change on --resume
+# The flags that may change on --resume; the others must equal the run's config.json.
+RESUMABLE = {"max_steps", "epochs", "save_every", "save_every_minutes", "device", "resume", "overwrite"}
 PATHS = ("data", "base", "adapter", "out")  # saved as absolute paths, so a run resumes from any directory
 
 
@@ -358,10 +361,10 @@ def train_step(run, batches, step_groups, lr):
 
 
 def train(cfg):
-    """Train a CoIN LoRA adapter as `cfg` says; returns the output directory."""
+    """Train a CoIN LoRA adapter as `cfg` says; returns the output directory (a signal: SystemExit(75))."""
     run, checkpoint = set_up(cfg)
     cfg, out, model, world = run.cfg, Path(run.cfg.out), run.model, run.world
-    state = restore_checkpoint(checkpoint, model, run.optimizer, run.scaler) if checkpoint else {}
+    state = restore_checkpoint(checkpoint, model, run.optimizer, run.scaler, world.main) if checkpoint else {}
     step, skipped = state.get("step", 0), state.get("skipped", 0)
     total_steps = count_steps(run.dataset, cfg)
     warmup_steps = int(len(run.dataset) / cfg.batch_size * cfg.warmup_ratio)  # the official count
@@ -374,8 +377,8 @@ def train(cfg):
     bar = tqdm(itertools.islice(windows, step, total_steps), total=total_steps, initial=step, desc="coin",
                dynamic_ncols=True, disable=not world.main)
     metrics = open_metrics(out, step) if world.main else open(os.devnull, "w")
-    stop, started = StopOnCtrlC(), time.perf_counter()
-    try:
+    saves, started = Saves(cfg.save_every, cfg.save_every_minutes, world), time.perf_counter()
+    with metrics, saves:  # saves: the signal handlers, until the adapter is written
         for window in bar:
             try:
                 lr = learning_rate(step, total_steps, cfg.lr, warmup_steps)
@@ -390,17 +393,13 @@ def train(cfg):
             if step == 1 and run.device.startswith("cuda"):
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 bar.write(f"measured peak GPU memory after step 1: {peak:.2f} GiB")
-            stopping = all_sum(dict(stop=bool(stop)), world)["stop"] > 0  # all processes stop together
-            if world.main and (step % cfg.save_every == 0 or step == total_steps or stopping):
+            save, stopping = saves.after(step, total_steps)  # alike in all processes
+            if world.main and save:
                 save_checkpoint(out, model, run.optimizer, run.scaler, cfg, step, skipped)
             if stopping:
-                bar.write(f"interrupted: saved step {step} in {out}; continue with --resume")
-                return finish(world, out)
-    finally:
-        stop.restore()
-        metrics.close()
-    if world.main:
-        save_adapter(model, out, cfg.base)  # the finished run: out/ itself is a peft adapter directory
+                raise stop_run(saves.received, world, f"saved step {step} in {out}")
+        if world.main:
+            save_adapter(model, out, cfg.base)  # the finished run: out/ itself is a peft adapter directory
     print(f"done: steps {total_steps}, {time.perf_counter() - started:.0f} s, skipped (fp16 overflow) "
           f"{skipped}; the adapter is in {out}")
     return finish(world, out)

@@ -20,7 +20,7 @@
              examples predicted alike by all its prompts
 
 Outputs, in --out (default <ckpt>/results): samples.json, predictions.jsonl (a line per example), results.json
-(percent) and table.md, rewritten atomically after each cell; --resume recomputes only the cells not complete.
+(percent) and table.md, rewritten atomically after each cell, where SIGTERM stops (--resume runs the rest).
 --mode rank picks the label of highest log-likelihood; --hidden-report TASK compares hidden states to clean's.
 
     python evaluate.py --ckpt out/ --glue-dir examples/glue_demo
@@ -28,8 +28,7 @@ Outputs, in --out (default <ckpt>/results): samples.json, predictions.jsonl (a l
     python report.py runs/alpaca out/results        # the difference of two results dirs
 
 Data: glue.py. Aggregates, tables and plots: report.py. Several processes: distributed.py. Shape legend: B
-rows of a batch, T tokens, K labels, R = B*K rows, M label tokens. Next: read the tests;
-tests/test_evaluate.py pins this protocol down.
+rows of a batch, T tokens, K labels, R = B*K rows, M label tokens. Next: read tests/test_evaluate.py.
 """
 import json
 import random
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attack import ATTACKS, attack_set, run_attacks
+from checkpoints import until_signal
 from data import PROMPT_TEMPLATE
 from distributed import World, finish, gather_objects, start as start_world
 from files import read_json, read_jsonl, write_atomically
@@ -313,7 +313,7 @@ def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol, wor
     all_cells, todo = {**old_cells, **cells}, [key for key in cells if key not in records]
     total = sum(len(samples[cells[k][0]][cells[k][1]]) for k in todo[world.rank::world.size])
     bar = tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr, disable=not world.main)
-    for first in range(0, len(todo), world.size):
+    for first in until_signal(range(0, len(todo), world.size), world, f"the cells done are in {out_dir}"):
         mine = todo[first:first + world.size][world.rank:world.rank + 1]  # none in a short last round
         new = {k: cell_records(model, tokenizer, data, samples, cells[k], cfg, bar.update) for k in mine}
         for part in gather_objects(new, world):

@@ -92,8 +92,8 @@ def checkpoint_files(path):
     raise FileNotFoundError(f"{path}: no model.safetensors, sharded safetensors or pytorch_model*.bin found")
 
 
-def read_tensors(file, device):
-    """{key: tensor} of one weight file, on `device`.
+def read_tensors(file, device, fix="download it again"):
+    """{key: tensor} of one weight file, on `device`; a ValueError ending in `fix` if it cannot be read.
     Never unpickles code: safetensors, or weights_only torch.load."""
     try:
         if file.suffix == ".safetensors":
@@ -102,7 +102,7 @@ def read_tensors(file, device):
         return torch.load(file, map_location=device, weights_only=True, mmap=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         raise ValueError(f"{file}: cannot be read ({str(e).splitlines()[0]}); it is truncated or corrupt, "
-                         "download it again") from None
+                         f"{fix}") from None
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
@@ -206,12 +206,12 @@ def read_adapter_config(adapter_dir):
     return cfg
 
 
-def read_adapter_tensors(adapter_dir):
-    """{our key: tensor} from adapter_model.safetensors, or from a legacy adapter_model.bin."""
+def read_adapter_tensors(adapter_dir, fix="download it again"):
+    """(file, {our key: tensor}) from adapter_model.safetensors, or from a legacy adapter_model.bin."""
     adapter_dir = Path(adapter_dir)
     for file in (adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_model.bin"):
         if file.is_file():
-            return file, {k.removeprefix(PEFT_PREFIX): t for k, t in read_tensors(file, "cpu").items()}
+            return file, {k.removeprefix(PEFT_PREFIX): t for k, t in read_tensors(file, "cpu", fix).items()}
     raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin")
 
 

@@ -227,13 +227,11 @@ def arm_config(cfg, data, base, seed, flags, out):
 
 def train_arm(tune, flags):
     """Train one adapter (coin.py), its flags recorded first in arm.json; return its losses and diagnostics
-    over the first and the last tenth of the steps (diagnostics.ends)."""
+    over the first and the last tenth of the steps (diagnostics.ends). On a signal coin.py saves, then exits
+    with checkpoints.STOPPED: a rerun continues."""
     Path(tune.out).mkdir(parents=True, exist_ok=True)
     write_atomically(Path(tune.out) / "arm.json", json.dumps(flags))
-    out = train(tune)
-    if not (out / "adapter_model.safetensors").is_file():  # Ctrl-C: coin.py saved a checkpoint and stopped
-        raise SystemExit(f"interrupted in {out}; run the same command again to continue")
-    return ends(read_metrics(out))
+    return ends(read_metrics(train(tune)))
 
 
 # -----------------------------------------------------------------------------

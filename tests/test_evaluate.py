@@ -23,6 +23,7 @@ import report
 from data import IGNORE_INDEX, tokenize_view
 from glue import LABELS, TASKS, load_task
 from hf_io import Tokenizer, load_model, load_tokenizer, save_adapter
+from conftest import assert_decided_beyond_rounding
 from model import apply_lora, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +261,7 @@ def test_batched_generation_matches_one_at_a_time_token_for_token(stories_dir):
     assert len({len(p) for p in prompts}) > 6  # lengths differ, so batches are left-padded
     # the reference: model.py, one prompt at a time
     reference = [generate(model, [p], 7, tok.eos_id, tok.pad_id)[0] for p in prompts]
+    assert_decided_beyond_rounding(model, prompts, reference)
     for batch_size in (1, 4, 13):  # 13: one batch, whose common prefix is BOS alone
         assert evaluate.generate_batched(model, prompts, batch_size, 7, tok.eos_id, tok.pad_id) == reference
     assert all(len(new) == 7 or new[-1] == tok.eos_id for new in reference)

@@ -97,7 +97,8 @@ COIN_NUMBERS = {  # flag: (type, which of "0", "-1", HUGE it accepts)
     "--micro-batch-size": (int, (HUGE,)), "--lr": (float, (HUGE,)), "--warmup-ratio": (float, ("0",)),
     "--cutoff": (int, (HUGE,)), "--holdout": (int, ("0", HUGE)), "--lora-r": (int, ()),
     "--lora-alpha": (int, (HUGE,)), "--lora-dropout": (float, ("0",)), "--temperature": (float, (HUGE,)),
-    "--lam": (float, (HUGE,)), "--save-every": (int, (HUGE,)), "--seed": (int, ("0",)),
+    "--lam": (float, (HUGE,)), "--save-every": (int, (HUGE,)), "--save-every-minutes": (float, (HUGE,)),
+    "--seed": (int, ("0",)),
 }
 
 

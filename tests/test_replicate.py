@@ -11,6 +11,7 @@ import comparison
 import plots
 import replicate
 import toy_data
+from checkpoints import STOPPED
 from conftest import ROOT, shared, write_jsonl
 from data import load_examples
 from diagnostics import read_metrics
@@ -169,12 +170,13 @@ def test_a_rerun_with_other_settings_or_a_file_as_out_is_refused(tiny_run, tmp_p
 
 
 def test_an_interrupted_adapter_stops_the_run_and_is_not_marked_trained(tmp_path, monkeypatch):
-    def interrupted(cfg):  # coin.train after Ctrl-C: a checkpoint, no adapter
+    def interrupted(cfg):  # coin.train after a signal: a checkpoint, no adapter, exit status STOPPED
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        return Path(cfg.out)
+        raise SystemExit(STOPPED)
     monkeypatch.setattr(replicate, "train", interrupted)
-    with pytest.raises(SystemExit, match="interrupted in .*seed0/continual; run the same command again"):
+    with pytest.raises(SystemExit) as stopped:
         run(tmp_path, "--seeds", "0")
+    assert stopped.value.code == STOPPED  # a job script can tell "run me again" from a failure
     assert (tmp_path / "base" / "done.json").is_file()
     assert not (tmp_path / "seed0" / "continual" / "trained.json").exists()
 
