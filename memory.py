@@ -24,7 +24,7 @@ lm_head's output, its fp32 copy and the fp32 log-softmax.
 """
 import argparse
 
-from hf_io import read_model_args
+from model_config import read_model_args
 from model import LORA_TARGETS, ModelArgs
 
 GPU_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS workspace, allocator slack: outside what PyTorch counts

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import sentencepiece as spm
 
-from hf_io import Tokenizer, load_tokenizer
+from hf_io import load_tokenizer
+from tokenizer import Tokenizer
 
 BASE = [
     "Once upon a time", "Determine whether the sentence is positive or negative.", "Is the premise entailed?",
