@@ -52,8 +52,7 @@ class ModelArgs:
     attention_bias: bool = False      # q/k/v projections with a bias (Qwen2)
     rope_scaling: dict | None = None  # long-context RoPE: {"rope_type": "linear" | "llama3", ...} (hf_io.py)
 
-    def __post_init__(self):
-        # Derived fields (frozen dataclass, hence object.__setattr__).
+    def __post_init__(self):  # derived fields (a frozen dataclass, hence object.__setattr__)
         object.__setattr__(self, "n_kv_heads", self.n_kv_heads or self.n_heads)
         object.__setattr__(self, "head_dim", self.head_dim or self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
@@ -261,8 +260,7 @@ class Llama(nn.Module):
         self.name_or_path = ""           # where the base weights came from; recorded in saved adapters
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
-        """input_ids (B, T) -> final-norm hidden states (B, T, D).
-        With a cache, the T tokens follow the cached ones."""
+        """input_ids (B, T) -> final-norm hidden states (B, T, D); with a cache, they follow its tokens."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is None and (attention_mask is None or attention_mask.all()):  # training: no mask to build
