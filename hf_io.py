@@ -74,8 +74,8 @@ def check_base(path, max_tokens=None):
     window; and the tokenizer, when the directory has one (load_tokenizer): its package, ids, vocabulary."""
     args, window = read_model_args(path), sliding_window(path)
     if window and max_tokens and max_tokens > window:
-        raise ValueError(f"{path / 'config.json'}: sliding_window={window} is below the {max_tokens} tokens of "
-                         f"--cutoff; coin is exact within the window only: use --cutoff {window} or less")
+        raise ValueError(f"{path / 'config.json'}: sliding_window={window} is below the {max_tokens} tokens "
+                         f"of --cutoff; coin is exact within the window only: use --cutoff {window} or less")
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         load_tokenizer(path)
     return args

@@ -24,7 +24,7 @@ The special ids, from the model directory's HF files:
   pad  tokenizer_config.json's pad_token (Qwen2.5: <|endoftext|>), else its unk_token or sentencepiece's
        <unk> (LLaMA, Mistral, TinyLlama: id 0, alpaca-lora's pad), else eos (Llama 3 names neither). Any id
        is exact: coin builds labels and attention masks from row lengths, never by comparing an id with
-       pad_id, so a pad reaches no loss and no attention score, even when it is eos (tests/test_data.py).
+       pad_id, so a pad reaches no loss and no attention score, even when it is eos (tests/test_tokenizer.py).
 
 Word starts. sentencepiece marks a word start inside the piece ("▁positive") and adds one before every text,
 so "positive" alone encodes as the word. Byte-level BPE spells a word start as a leading space: " positive"

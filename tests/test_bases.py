@@ -1,13 +1,15 @@
-"""The base families beyond LLaMA-1: Llama 3.x (rope_scaling llama3 and linear), Mistral (sliding window) and
-Qwen2.5 (q/k/v biases, tied embeddings), proven against transformers and peft on random tiny configs built here,
-in fp32: logits with no / left / right padding, adapters both ways, greedy generation. And their bad configs,
-each refused in one line before any weight loads."""
+"""The base families beyond LLaMA-1: Llama 3.x (rope_scaling llama3 and linear), Mistral (sliding window)
+and Qwen2.5 (q/k/v biases, tied embeddings), proven against transformers and peft on random tiny configs
+built here, in fp32: logits with no / left / right padding, adapters both ways, greedy generation. And their
+bad configs, each refused in one line before any weight loads."""
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import coin
 from hf_io import load_adapter, load_model, save_adapter
 from model import Llama, ModelArgs, apply_lora, generate
 from model_config import hf_config, read_model_args
@@ -16,6 +18,8 @@ from test_model import assert_one_line_error, logit_error, random_hf_model, save
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for each family")
 peft = pytest.importorskip("peft", reason="peft is the reference LoRA")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # max |Δlogit| in fp32. The logits are of order 1 and every value is a sum of at most a few hundred fp32
 # products (eps 1.2e-7), so two correct implementations that order their sums differently agree to ~1e-6;
@@ -109,6 +113,19 @@ def test_sliding_window_is_exact_below_it_and_refused_above_it(tmp_path):
     assert_one_line_error(e, str(tmp_path / "config.json"), f"sliding_window={WINDOW}", "--cutoff 24 or less")
 
 
+def test_coin_refuses_a_cutoff_above_the_window_before_any_weight(tmp_path):
+    base = tmp_path / "mistral"  # a config.json and no weights: an error about weights would come too late
+    base.mkdir()
+    config = dict(hf_config(ModelArgs.tiny()), model_type="mistral", sliding_window=WINDOW)
+    (base / "config.json").write_text(json.dumps(config))
+    argv = ["--data", str(ROOT / "examples" / "flan_coin_demo.jsonl"), "--base", str(base), "--out",
+            str(tmp_path / "out"), "--cutoff", "128", "--device", "cpu", "--dtype", "fp32"]
+    with pytest.raises(SystemExit) as e:
+        coin.main(argv)
+    assert "\n" not in str(e.value) and "sliding_window=24 is below the 128 tokens of --cutoff" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_configs_read_back(tmp_path):
     """hf_config(args), as transformers saves it, reads back to args: rope_scaling and biases included."""
     for name, (args, config) in FAMILIES.items():
@@ -125,7 +142,7 @@ def test_configs_read_back(tmp_path):
     (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)),
      ["rope_scaling type 'yarn' is not supported", "default, linear, llama3"]),
     (dict(rope_scaling=dict(type="dynamic", factor=2.0)), ["rope_scaling type 'dynamic'", "linear, llama3"]),
-    (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), ["rope_scaling 'llama3' lacks low_freq_factor"]),
+    (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), ["rope_scaling 'llama3' lacks low_freq_fac"]),
     (dict(hidden_act="gelu"), ["hidden_act='gelu' is not supported", "silu"]),
     (dict(attention_bias=True), ["attention_bias=True is not supported", "qwen2"]),
     (dict(mlp_bias=True), ["mlp_bias=True is not supported"]),

@@ -90,7 +90,8 @@ def test_bases_have_their_published_sizes(name):
     assert count_parameters(BASES[name]) == sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
 
 
-@pytest.mark.parametrize("name,lora,largest", [("llama-3-8b", 13_631_488, 18), ("qwen2.5-7b", 10_092_544, 18)])
+@pytest.mark.parametrize("name,lora,largest", [("llama-3-8b", 13_631_488, 18),
+                                               ("qwen2.5-7b", 10_092_544, 18)])
 def test_llama_3_and_qwen_2_5_at_the_papers_settings(name, lora, largest):
     """Micro-batch 16 (32 rows) of 256 tokens, LoRA r 16 on q, k, v, o: GQA shrinks k and v's LoRA, and a
     vocabulary of 128,256 or 152,064 makes logits over every token the largest activation."""

@@ -1,6 +1,6 @@
 """The tokenizers: sentencepiece's on the real LLaMA tokenizer.model (its ids plus BOS, as Meta's code and
-alpaca-lora), and tokenizer.json through the optional `tokenizers` package, byte-level BPE trained here, against
-transformers' PreTrainedTokenizerFast (skipped, with the reason, where the extra is not installed)."""
+alpaca-lora), and tokenizer.json through the optional `tokenizers` package, byte-level BPE trained here,
+against transformers' PreTrainedTokenizerFast (skipped, with the reason, where the extra is not installed)."""
 import json
 import random
 import shutil
@@ -14,7 +14,7 @@ import sentencepiece as spm
 import torch
 
 import evaluate
-from data import IGNORE_INDEX, PROMPT_TEMPLATE, load_examples, tokenize_view
+from data import IGNORE_INDEX, PROMPT_TEMPLATE, VIEWS, collate, load_examples, tokenize_example, tokenize_view
 from glue import LABELS
 from hf_io import load_model, load_tokenizer
 from model import Llama, ModelArgs
@@ -125,16 +125,17 @@ def test_missing_or_corrupt_tokenizer(tmp_path):
 ROOT = Path(__file__).resolve().parents[1]
 # The pre-tokenizer patterns of Llama 3's and Qwen2.5's tokenizer.json (they differ in how digits group).
 PATTERNS = dict(
-    llama3=r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-           r"|\s+(?!\S)|\s+",
-    qwen2=r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-          r"|\s+(?!\S)|\s+")
+    llama3=r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    qwen2=r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Their special tokens and tokenizer_config.json fields: Llama 3 names bos and eos and no pad; Qwen2.5 names
 # no bos, and pads with its end of text.
 SPECIALS = dict(llama3=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
                 qwen2=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
 CONFIGS = dict(llama3=dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"),
-               qwen2=dict(bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token=None))
+               qwen2=dict(bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                          unk_token=None))
 
 
 def strings_in(value):
@@ -154,8 +155,8 @@ def reference_texts():
 
 def write_tokenizer_json(folder, style, vocab_size=None):
     """A byte-level BPE tokenizer.json trained on reference_texts(), with `style`'s special tokens and
-    post-processor (Llama 3's adds <|begin_of_text|>; Qwen2.5's adds nothing), its tokenizer_config.json, and a
-    config.json of vocab_size (default: the tokenizer's size). Returns folder."""
+    post-processor (Llama 3's adds <|begin_of_text|>; Qwen2.5's adds nothing), its tokenizer_config.json, and
+    a config.json of vocab_size (default: the tokenizer's size). Returns folder."""
     tokenizers = pytest.importorskip("tokenizers", reason=f"tokenizer.json needs the extra ({EXTRA})")
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     tok = tokenizers.Tokenizer(models.BPE())
@@ -214,6 +215,20 @@ def test_json_special_ids_come_from_the_hf_files(json_dir, tmp_path):
         assert (ours.bos_id, ours.eos_id, ours.pad_id) == (None, ids["<|endoftext|>"], ids["<|endoftext|>"])
         assert ours.encode("yes") == ours.encode("yes", bos=False)
     assert ours.encode("yes", bos=False, eos=True)[-1] == ours.eos_id
+
+
+def test_a_pad_that_is_eos_masks_no_eos(json_dir):
+    """Llama 3 pads with its eos: labels and masks come from row lengths, so every eos --eos appends is still
+    supervised, and every pad still masked."""
+    tok = load_tokenizer(json_dir)
+    examples, _ = load_examples(ROOT / "examples" / "flan_coin_demo.jsonl")
+    items = [tokenize_example(example, tok, eos=True) for example in examples[:8]]
+    batch = collate(items, tok.eos_id)  # pad_id = eos_id, whatever the layout names
+    for row, (ids, _, _) in enumerate(item[view] for view in VIEWS for item in items):
+        n = len(ids)
+        assert batch["labels"][row, n - 1] == tok.eos_id and batch["attention_mask"][row, :n].all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all() and not batch["attention_mask"][row, n:].any()
+    assert (batch["attention_mask"] == 0).any()  # some rows are padded
 
 
 def test_json_special_text_stays_text(json_dir):
@@ -309,7 +324,7 @@ def test_rank_mode_scores_the_tokens_each_label_takes(json_dir, monkeypatch):
     labels = list(LABELS["sst2"])
     prompt = evaluate.build_input("Is the review positive or negative? ", "A gripping, funny film.\n")
     evaluate.label_scores(None, tok, [tok.encode(prompt)], "sst2", 8, "coin")
-    after = len(tok.encode(prompt, bos=False))  # the label as a word after "### Response:", its space included
+    after = len(tok.encode(prompt, bos=False))  # a label: the word after "### Response:", space included
     assert recorder.continuations == [tok.encode(prompt + " " + label, bos=False)[after:] for label in labels]
     assert recorder.continuations != [tok.encode(label, bos=False) for label in labels]  # the space matters
     evaluate.label_scores(None, tok, [tok.encode(prompt)], "sst2", 8, "train")
@@ -333,7 +348,7 @@ def chain_model(vocab_size, chain):
 
 @pytest.mark.parametrize("mode", ["generate", "rank"])
 def test_evaluator_answers_with_byte_level_bpe(json_dir, mode):
-    """A model that answers " positive" then eos then "Z": generation stops at the base's eos, the parser reads
+    """A model that answers " positive", eos, then "Z": generation stops at the base's eos, the parser reads
     the label, and rank mode gives it probability ~1."""
     tok = load_tokenizer(json_dir)
     text = evaluate.build_input("Is the review positive or negative? ", "A gripping, funny film.\n")
