@@ -13,11 +13,12 @@ import coin
 from hf_io import load_adapter, load_model, save_adapter
 from model import Llama, ModelArgs, apply_lora, generate
 from model_config import hf_config, read_model_args
-from test_lora import TARGETS, hf_base, make_peft_adapter, randomize_lora
-from test_model import assert_one_line_error, logit_error, random_hf_model, save_hf
 
+# Before the helpers below, which need them too: the skip then says why here.
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for each family")
 peft = pytest.importorskip("peft", reason="peft is the reference LoRA")
+from test_lora import TARGETS, hf_base, make_peft_adapter, randomize_lora  # noqa: E402
+from test_model import assert_one_line_error, logit_error, random_hf_model, save_hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
