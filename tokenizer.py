@@ -88,6 +88,8 @@ class Tokenizer:
 # 2. tokenizer.json: HF's `tokenizers` library (the optional extra)
 
 class JsonTokenizer:
+    """A tokenizer.json; read_tokenizer sets its eos_id and pad_id from the model directory's HF files."""
+
     def __init__(self, path):
         self.path = Path(path)
         try:
