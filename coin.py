@@ -225,7 +225,7 @@ def learning_rate(step, total_steps, peak_lr, warmup_steps):
 def build_model(cfg, device, dtype):
     """(model, tokenizer, lora): the base with a trainable LoRA, continued from --adapter or fresh (on a base
     that --merge-adapter made). lora: the LoRA settings in use, which an --adapter's own config decides."""
-    model = load_model(cfg.base, dtype=dtype, device=device)
+    model = load_model(cfg.base, dtype=dtype, device=device, max_tokens=cfg.cutoff)
     tokenizer = load_tokenizer(cfg.base)
     if cfg.adapter and cfg.merge_adapter:
         load_adapter(model, cfg.adapter)

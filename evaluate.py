@@ -221,11 +221,11 @@ def rank_scores(model, prompts, continuations, pad_id):
 def label_scores(model, tokenizer, prompts, task, batch_size, fmt="coin", on_batch=None):
     """[(K,) log-likelihood of each of the task's label words] per prompt (ids), in length-sorted batches.
     A label is scored as the tokens it is after the input: coin's input ends in "Response:", after which a
-    label is a word of its own ("positive" -> "▁positive"); train's ends in "Response:\n", after which
-    coin.py trained it as one string with the prompt, where it starts without "▁" (data.py)."""
+    label is a word of its own (encode_word: "▁positive", or " positive" in byte-level BPE); train's ends in
+    "Response:\n", after which coin.py trained it as one string with the prompt: no "▁" or space (data.py)."""
     cue = tokenizer.encode(build_input("", "", fmt), bos=False)
     label_ids = [tokenizer.encode(build_input("", "", fmt) + label, bos=False)[len(cue):] if fmt == "train"
-                 else tokenizer.encode(label, bos=False) for label in LABELS[task]]
+                 else tokenizer.encode_word(label) for label in LABELS[task]]
     return in_length_order(prompts, batch_size, lambda batch: rank_scores(model, batch, label_ids,
                                                                            tokenizer.pad_id), on_batch)
 

@@ -3,70 +3,33 @@ config.json, weights, adapters, tokenizer.
 
 A support module beside model.py: model.py defines the network, this file fills it. Read it after model.py.
 
-    read_model_args / hf_config     config.json <-> ModelArgs
-    load_model / save_model         a HF LLaMA directory (safetensors or .bin, sharded or not) <-> Llama
+    load_model / save_model         a HF model directory (safetensors or .bin, sharded or not) <-> Llama
     load_adapter / save_adapter     a peft LoRA adapter directory (alpaca-lora's included) <-> LoRA layers
-    load_tokenizer                  tokenizer.model, checked against config.json
+    load_tokenizer                  tokenizer.model or tokenizer.json (tokenizer.py), checked against config
+
+config.json itself is read by model_config.py, which maps each family's fields onto ModelArgs.
 
 Our parameter names are the HF keys, and our LoRA keys are peft's minus `base_model.model.`, so every loader
 is a loop that checks each key and shape and says which one is wrong. Nothing here unpickles code:
 safetensors, or `torch.load(weights_only=True)` for legacy .bin files.
 
-Next: read `data.py`.
+Next: read `model_config.py`.
 """
 import json
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from files import read_json, write_atomically
-from model import Llama, LoRALinear, ModelArgs, apply_lora, is_lora_target, lora_state_dict
+from model import Llama, LoRALinear, apply_lora, is_lora_target, lora_state_dict
+from model_config import hf_config, read_model_args, sliding_window
+from tokenizer import TOKENIZER_FILES, JsonTokenizer, read_tokenizer
 
 # -----------------------------------------------------------------------------
-# 1. config.json
-
-# Our field -> the HF config.json key it is read from.
-HF_CONFIG_KEYS = dict(
-    dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
-    n_kv_heads="num_key_value_heads", intermediate_size="intermediate_size", vocab_size="vocab_size",
-    norm_eps="rms_norm_eps", rope_theta="rope_theta", head_dim="head_dim",
-    tie_word_embeddings="tie_word_embeddings",
-)
-
-
-def read_model_args(path):
-    """ModelArgs from a HF LLaMA config.json (or the directory holding it); refuses what the decoder lacks."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: not found; point at a HF LLaMA directory (config.json + weights)")
-    cfg = read_json(file)
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 nests rope_theta here
-    cfg.setdefault("rope_theta", rope.get("rope_theta", ModelArgs.rope_theta))
-    unsupported = {"hidden_act": cfg.get("hidden_act", "silu") != "silu",
-                   "attention_bias": cfg.get("attention_bias", False), "mlp_bias": cfg.get("mlp_bias", False),
-                   "rope_scaling": rope.get("rope_type", rope.get("type", "default")) != "default"}
-    for name, bad in unsupported.items():
-        if bad:
-            raise ValueError(f"{file}: {name} is not supported by coin's plain LLaMA decoder")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if key not in cfg:
-            raise ValueError(f"{file}: missing field {key!r}; is this a LLaMA config.json?")
-    return ModelArgs(**{ours: cfg[hf] for ours, hf in HF_CONFIG_KEYS.items() if cfg.get(hf) is not None})
-
-
-def hf_config(args):
-    """The config.json dict that `read_model_args` (and transformers' LlamaConfig) reads back."""
-    cfg = {hf: getattr(args, ours) for ours, hf in HF_CONFIG_KEYS.items()}
-    return dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu")
-
-
-# -----------------------------------------------------------------------------
-# 2. Loading HF checkpoints
+# 1. Loading HF checkpoints
 #
 # The model is built on the meta device (shapes, no memory), then each tensor is read from disk, cast, and
 # assigned in place of its meta placeholder. Peak memory is the model plus one tensor, not twice the model.
@@ -105,17 +68,31 @@ def read_tensors(file, device, fix="download it again"):
                          f"{fix}") from None
 
 
-def load_model(path, dtype=torch.float32, device="cpu"):
-    """Build a Llama from a HF LLaMA directory (config.json + weights), in eval mode.
+def check_base(path, max_tokens=None):
+    """ModelArgs of a HF model directory, after every check that needs no weights: config.json
+    (read_model_args); max_tokens, the longest row the caller will run (coin.py: --cutoff), against a sliding
+    window; and the tokenizer, when the directory has one (load_tokenizer): its package, ids, vocabulary."""
+    args, window = read_model_args(path), sliding_window(path)
+    if window and max_tokens and max_tokens > window:
+        raise ValueError(f"{path / 'config.json'}: sliding_window={window} is below the {max_tokens} tokens "
+                         f"of --cutoff; coin is exact within the window only: use --cutoff {window} or less")
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        load_tokenizer(path)
+    return args
 
-    Every key is checked: a missing, unexpected or mis-shaped tensor is an error naming it. HF's cached
-    `rotary_emb.inv_freq` buffers are ignored (we compute RoPE per forward), and so is a stored lm_head.weight
-    when the config ties it to the embedding.
+
+def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
+    """Build a Llama from a HF model directory (config.json + weights), in eval mode.
+
+    `check_base` runs first: a bad config, window or tokenizer costs no weight loading. Every key is checked:
+    a missing, unexpected or mis-shaped tensor is an error naming it. HF's cached `rotary_emb.inv_freq`
+    buffers are ignored (we compute RoPE per forward), and so is a stored lm_head.weight when the config ties
+    it to the embedding.
     """
     path = Path(path)
     if path.is_file():
         raise ValueError(f"{path}: a file; give the HF LLaMA directory (config.json, weights, tokenizer)")
-    args = read_model_args(path)
+    args = check_base(path, max_tokens)
     with torch.device("meta"):
         model = Llama(args)
     expected = model.state_dict()  # key -> meta tensor: names and shapes only
@@ -126,7 +103,7 @@ def load_model(path, dtype=torch.float32, device="cpu"):
                 del tensors[key]
             elif key not in expected:
                 raise ValueError(f"{file}: unexpected key {key}; "
-                                 "is this a LLaMA checkpoint matching config.json?")
+                                 "is this a checkpoint of the model config.json describes?")
             elif tensors[key].shape != expected[key].shape:
                 raise ValueError(f"{file}: {key} has shape {tuple(tensors[key].shape)} "
                                  f"but config.json implies {tuple(expected[key].shape)}; "
@@ -157,7 +134,7 @@ def save_model(model, out_dir):
 
 
 # -----------------------------------------------------------------------------
-# 3. Adapter I/O in peft's format
+# 2. Adapter I/O in peft's format
 #
 # adapter_config.json holds r, lora_alpha, lora_dropout and target_modules; adapter_model.safetensors (or the
 # legacy adapter_model.bin of alpaca-lora) holds `base_model.model.<our key>` tensors.
@@ -252,42 +229,17 @@ def load_adapter(model, adapter_dir):
 
 
 # -----------------------------------------------------------------------------
-# 4. Tokenizer
-#
-# We call sentencepiece directly, as Meta's reference code and the slow (legacy) HF LlamaTokenizer that
-# alpaca-lora used do. transformers 5's tokenizers-based LlamaTokenizer differs on repeated spaces; we match
-# sentencepiece. sentencepiece never parses control pieces out of text, so "</s>" typed in an instruction
-# stays four characters and can never end a sequence.
-
-class Tokenizer:
-    def __init__(self, path):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no sentencepiece tokenizer.model here")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a sentencepiece model ({e})") from None
-        self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        # Pads are the unk id 0, as in alpaca-lora. Never eos: pads are masked out of the loss, and a model
-        # that never sees eos in its labels never learns to stop.
-        self.pad_id = self.sp.unk_id()
-
-    def encode(self, text, bos=True, eos=False):
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids):
-        return self.sp.decode(list(ids))  # control ids (bos, eos) decode to nothing
-
+# 3. Tokenizer (tokenizer.py reads it), checked against config.json
 
 def load_tokenizer(model_dir):
-    """The tokenizer.model of a model directory, checked against its config.json's vocab_size."""
+    """The tokenizer of a model directory, checked to fit config.json's vocab_size: exactly for a
+    tokenizer.model; at most for a tokenizer.json, as a base may pad its embedding matrix beyond its
+    tokenizer (Qwen2.5-7B: 151,665 tokens, vocab_size 152,064, a multiple of 128)."""
     model_dir = Path(model_dir)
-    tokenizer = Tokenizer(model_dir / "tokenizer.model")
     vocab_size = read_model_args(model_dir).vocab_size
-    if tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"{model_dir / 'tokenizer.model'}: {tokenizer.vocab_size} pieces "
-                         f"but config.json says vocab_size={vocab_size}; "
-                         "use the tokenizer that came with this model")
+    tokenizer = read_tokenizer(model_dir)
+    padded = isinstance(tokenizer, JsonTokenizer) and tokenizer.vocab_size < vocab_size
+    if tokenizer.vocab_size != vocab_size and not padded:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens but config.json says "
+                         f"vocab_size={vocab_size}; use the tokenizer that came with this model")
     return tokenizer
-

@@ -5,6 +5,7 @@ config, so a user knows before renting a GPU whether a micro-batch fits. Read it
 
     python memory.py                               # LLaMA-7B, 8 rows of 256 tokens, a 24 GB GPU
     python memory.py --config llama-7b-hf --rows 32 --budget-gib 24
+    python memory.py --config llama-3-8b --rows 32 --supervised 8   # a base of BASES, answers of 8 tokens
 
 The model: bf16 weights under CUDA bf16 autocast, fp32 LoRA weights and AdamW state, and the activations
 autograd saves, which tests/test_memory.py checks byte for byte against a real backward at LLaMA-7B width.
@@ -24,14 +25,28 @@ lm_head's output, its fp32 copy and the fp32 log-softmax.
 """
 import argparse
 
-from hf_io import read_model_args
+from model_config import read_model_args
 from model import LORA_TARGETS, ModelArgs
 
 GPU_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS workspace, allocator slack: outside what PyTorch counts
+# The README's bases (their config.json on the Hugging Face Hub); tests/test_memory.py checks each one's
+# published parameter count. rope_scaling, a sliding window and tied embeddings' absence change no memory.
+BASES = {
+    "llama-7b": ModelArgs(),  # huggyllama/llama-7b: alpaca-lora's and CoIN's base
+    "llama-3-8b": ModelArgs(n_kv_heads=8, intermediate_size=14336, vocab_size=128256, norm_eps=1e-5,
+                            rope_theta=500000.0),  # meta-llama/Meta-Llama-3-8B; 3.1-8B: the same shapes
+    "mistral-7b": ModelArgs(n_kv_heads=8, intermediate_size=14336, vocab_size=32768, norm_eps=1e-5,
+                            rope_theta=1e6),  # mistralai/Mistral-7B-v0.3
+    "qwen2.5-7b": ModelArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
+                            vocab_size=152064, rope_theta=1e6, attention_bias=True),  # Qwen/Qwen2.5-7B
+    "tinyllama-1.1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632,
+                                norm_eps=1e-5),  # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
+}
 
 
 def count_parameters(args):
     attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    attn += args.attention_bias * args.head_dim * (args.n_heads + 2 * args.n_kv_heads)  # Qwen2's q/k/v biases
     layer = attn + 3 * args.dim * args.intermediate_size + 2 * args.dim
     return (args.n_layers * layer + (1 if args.tie_word_embeddings else 2) * args.vocab_size * args.dim
             + args.dim)
@@ -123,7 +138,8 @@ def training_summary(model, rows, seq_len, grad_checkpointing, targets, r):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Predicted peak memory of LoRA training (bf16, CUDA)")
-    parser.add_argument("--config", help="HF config.json or model directory (default: LLaMA-7B)")
+    parser.add_argument("--config", help=f"HF config.json or model directory, or one of {', '.join(BASES)} "
+                                         "(default: llama-7b)")
     parser.add_argument("--rows", type=int, default=8,
                         help="sequences per micro-batch; CoIN uses 2 per example")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (CoIN's cutoff)")
@@ -131,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory to fit into")
     opts = parser.parse_args(argv)
     try:
-        model_args = read_model_args(opts.config) if opts.config else ModelArgs()
+        model_args = BASES.get(opts.config or "llama-7b") or read_model_args(opts.config)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     print_memory_estimate(model_args, opts.rows, opts.seq_len, opts.supervised, opts.budget_gib)

@@ -1,4 +1,4 @@
-"""model.py: the LLaMA decoder from scratch, with hand-written LoRA and batched greedy generation.
+"""model.py: the LLaMA decoder from scratch (Mistral's and Qwen2's too), hand-written LoRA, greedy generation.
 
 This file is the foundation of coin and the first stop of the tutorial. Read it top to bottom: each section
 only uses what came before it.
@@ -37,8 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The architecture. Defaults are LLaMA-7B's (params.json of the original release); hf_io.read_model_args
-    reads them from a HF config.json."""
+    """The architecture. Defaults are LLaMA-7B's (params.json of the original release);
+    model_config.read_model_args reads them from a HF config.json."""
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -49,9 +49,10 @@ class ModelArgs:
     rope_theta: float = 10000.0       # RoPE base (RoFormer)
     head_dim: int | None = None       # None: = dim // n_heads
     tie_word_embeddings: bool = False  # lm_head shares the embedding matrix (small models)
+    attention_bias: bool = False      # q/k/v projections with a bias (Qwen2)
+    rope_scaling: dict | None = None  # long-context RoPE: {"rope_type": "linear" | "llama3", ...} (hf_io.py)
 
-    def __post_init__(self):
-        # Derived fields (frozen dataclass, hence object.__setattr__).
+    def __post_init__(self):  # derived fields (a frozen dataclass, hence object.__setattr__)
         object.__setattr__(self, "n_kv_heads", self.n_kv_heads or self.n_heads)
         object.__setattr__(self, "head_dim", self.head_dim or self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
@@ -76,8 +77,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (a mean of squares loses too much in bf16), cast back,
-        # then scale: HF's exact order.
+        # Normalise in fp32 (a mean of squares loses too much in bf16), cast back, then scale: HF's order.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -91,9 +91,15 @@ class RMSNorm(nn.Module):
 # permuted the q/k rows to make this so (transformers#25199), so we follow HF and permute nothing: neither the
 # base weights nor peft's lora_B. Real-valued cos/sin arithmetic, no complex numbers (as llama2.c).
 
-def rope_cos_sin(positions, head_dim, theta):
-    """positions (B, T) integer -> cos, sin (B, T, Hd) in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_cos_sin(positions, args):
+    """positions (B, T) integer -> cos, sin (B, T, Hd) in fp32, frequencies lowered as rope_scaling says."""
+    Hd, s = args.head_dim, args.rope_scaling or {}
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, Hd, 2, device=positions.device).float() / Hd)
+    keep = 0.0  # the share of each frequency left unscaled: none with "linear" (position interpolation)
+    if s.get("rope_type") == "llama3":  # keep the fast, divide the slow, blend: _compute_llama3_parameters
+        ratio = s["original_max_position_embeddings"] / (2 * torch.pi / inv_freq)  # old context / wavelength
+        keep = ((ratio - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+    inv_freq = (1 - keep) * inv_freq / s.get("factor", 1.0) + keep * inv_freq  # (Hd/2,)
     angles = positions.float()[..., None] * inv_freq  # (B, T, 1) * (Hd/2,) -> (B, T, Hd/2)
     angles = torch.cat([angles, angles], dim=-1)      # (B, T, Hd): dims i and i + Hd/2 share an angle
     return angles.cos(), angles.sin()
@@ -134,8 +140,7 @@ class KVCache:
         self.key_mask = self.key_mask.repeat_interleave(times, 0)
 
     def update(self, layer, pos, k, v):
-        """Store k, v (B, Hk, T, Hd) at slots pos..pos+T;
-        return the filled prefix (B, Hk, pos+T, Hd) of each."""
+        """Store k, v (B, Hk, T, Hd) in slots pos..pos+T; return their filled prefixes (B, Hk, pos+T, Hd)."""
         end = pos + k.shape[2]
         self.k[layer, :, :, pos:end] = k
         self.v[layer, :, :, pos:end] = v
@@ -165,9 +170,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx  # which slice of the KV cache is ours
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):
@@ -255,8 +260,7 @@ class Llama(nn.Module):
         self.name_or_path = ""           # where the base weights came from; recorded in saved adapters
 
     def hidden_states(self, input_ids, attention_mask=None, cache=None):
-        """input_ids (B, T) -> final-norm hidden states (B, T, D).
-        With a cache, the T tokens follow the cached ones."""
+        """input_ids (B, T) -> final-norm hidden states (B, T, D); with a cache, they follow its tokens."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is None and (attention_mask is None or attention_mask.all()):  # training: no mask to build
@@ -268,8 +272,7 @@ class Llama(nn.Module):
                 cache.key_mask[:, start:start + T] = real
                 real = cache.key_mask[:, :start + T]  # (B, S): the mask of every key slot so far
             positions, mask = attention_layout(real, start)
-        # cos, sin (B, T, Hd), shared by layers
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.args)  # (B, T, Hd) each, shared by layers
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -333,16 +336,16 @@ LINEARS = LORA_TARGETS + ("gate_proj", "up_proj", "down_proj")  # every linear l
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update: y = x W^T + (alpha/r) * dropout(x) A^T B^T.
+    """A frozen linear layer plus a trainable low-rank update: y = x W^T + b + (alpha/r) * dropout(x) A^T B^T.
 
     It owns the base layer's `weight` Parameter (no copy), so its keys are `q_proj.weight`,
     `q_proj.lora_A.weight` and `q_proj.lora_B.weight`: peft's saved keys without their prefix.
     """
 
-    def __init__(self, weight, r, alpha, dropout):
+    def __init__(self, weight, r, alpha, dropout, bias=None):
         super().__init__()
         out_features, in_features = weight.shape
-        self.weight = weight
+        self.weight, self.bias = weight, bias  # the base layer's (frozen) Parameters; bias: Qwen2's q/k/v
         # LoRA §4.1: alpha/r keeps lr meaningful across r
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         # fp32 even over a bf16 base: these are trained. A keeps nn.Linear's Kaiming-uniform init;
@@ -353,7 +356,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        base = F.linear(x, self.weight)
+        base = F.linear(x, self.weight, self.bias)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
         return base + update.to(base.dtype)
 
@@ -388,7 +391,7 @@ def apply_lora(model, targets=LORA_TARGETS, r=16, alpha=16, dropout=0.05):
     Defaults are alpaca-lora's (r 16, alpha 16, dropout 0.05 on q, k, v, o), which CoIN continues training.
     """
     names = _swap_modules(model, lambda name, m: isinstance(m, nn.Linear) and is_lora_target(name, targets),
-                          lambda m: LoRALinear(m.weight, r, alpha, dropout))
+                          lambda m: LoRALinear(m.weight, r, alpha, dropout, m.bias))
     if not names:
         raise ValueError(f"no linear layer matches LoRA targets {targets}; use names such as {LORA_TARGETS}")
     for name, p in model.named_parameters():
@@ -405,7 +408,7 @@ def merge_lora(model):
     """Fold every adapter into its base weight and turn each LoRALinear back into a plain nn.Linear."""
     def merged_linear(lora):
         linear = nn.Linear(lora.weight.shape[1], lora.weight.shape[0], bias=False, device="meta")
-        linear.weight = nn.Parameter(lora.merged_weight(), requires_grad=False)
+        linear.weight, linear.bias = nn.Parameter(lora.merged_weight(), requires_grad=False), lora.bias
         return linear
     _swap_modules(model, lambda name, m: isinstance(m, LoRALinear), merged_linear)
     return model

@@ -16,8 +16,9 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from hf_io import read_model_args, save_model
+from hf_io import save_model
 from model import Llama
+from model_config import read_model_args
 
 TINY_CONFIG = Path(__file__).resolve().parent / "examples" / "tiny" / "config.json"  # 4 layers, vocab 2000
 

@@ -37,11 +37,12 @@ from data import VIEWS, ContrastiveDataset, collate, epoch_steps  # noqa: E402
 from distributed import Forward, World  # noqa: E402
 from evaluate import build_input  # noqa: E402
 from glue import load_task  # noqa: E402
-from hf_io import Tokenizer, hf_config  # noqa: E402
 from model import Llama, ModelArgs, apply_lora  # noqa: E402
+from model_config import hf_config  # noqa: E402
 from official_coin import official_group_loss  # noqa: E402
 from precision import resolve_precision  # noqa: E402
 from prepare_data import build_examples, load_source, load_templates  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 TASKS = {"cola": "cola", "sst2": "sst2", "glue_mrpc": "mrpc", "rte": "rte"}  # FLAN dataset -> GLUE file

@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 from evaluate import build_input, generate_batched  # noqa: E402
 from precision import DTYPES  # noqa: E402
 from glue import load_task  # noqa: E402
-from hf_io import Tokenizer, hf_config, load_model  # noqa: E402
+from hf_io import load_model  # noqa: E402
 from model import ModelArgs  # noqa: E402
+from model_config import hf_config  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 SMALL = ModelArgs(dim=768, n_layers=12, n_heads=12, intermediate_size=2048, vocab_size=32000)
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama" / "tokenizer.model"

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_io import hf_config, load_model  # noqa: E402
+from hf_io import load_model  # noqa: E402
 from memory import count_parameters  # noqa: E402
 from model import ModelArgs, apply_lora  # noqa: E402
+from model_config import hf_config  # noqa: E402
 
 SMALL = ModelArgs(dim=768, n_layers=12, n_heads=12, intermediate_size=2048, vocab_size=32000)
 BATCH, SEQ_LEN, COIN_SUPERVISED = 4, 256, 8

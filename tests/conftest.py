@@ -41,7 +41,7 @@ def flan_templates_path():
 @pytest.fixture
 def tok(llama_tokenizer_path):
     """The real LLaMA tokenizer, as coin uses it."""
-    from hf_io import Tokenizer
+    from tokenizer import Tokenizer
     return Tokenizer(llama_tokenizer_path)
 
 

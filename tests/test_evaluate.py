@@ -22,9 +22,10 @@ import perturb
 import report
 from data import IGNORE_INDEX, tokenize_view
 from glue import LABELS, TASKS, load_task
-from hf_io import Tokenizer, load_model, load_tokenizer, save_adapter
+from hf_io import load_model, load_tokenizer, save_adapter
 from conftest import assert_decided_beyond_rounding
 from model import apply_lora, generate
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "glue_demo"

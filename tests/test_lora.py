@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hf_io import hf_config, load_adapter, load_model, save_adapter
+from hf_io import load_adapter, load_model, save_adapter
 from model import Llama, LoRALinear, ModelArgs, apply_lora, lora_state_dict, merge_lora
+from model_config import hf_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference model")
 peft = pytest.importorskip("peft", reason="peft is the reference LoRA")
@@ -27,7 +28,7 @@ def save_random_base(path, args=ModelArgs.tiny(), seed=0):
 
 
 def hf_base(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()  # the family config.json names
 
 
 def randomize_lora(model, seed=1):
