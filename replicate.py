@@ -1,4 +1,4 @@
-"""replicate.py: see CoIN work: CoIN against continual instruction tuning, same base, data, steps, seeds.
+"""replicate.py: see CoIN work: its arms against continual instruction tuning, same base, data, steps, seeds.
 
 The paper's experiment at laptop scale, in one command. Each stage's output is kept in --out, and a stage
 whose output is there is skipped: an interrupted run continues where it stopped.
@@ -77,8 +77,8 @@ class ReplicateConfig:
     layers: int = opt(2, "decoder layers", valid=COUNT)
     vocab: int = opt(1000, "BPE pieces of the tokenizer trained on the base's rows", valid=COUNT)
     base_seed: int = opt(0, "seed of the base's weights and data order", valid=SEED)
-    base_steps: int = opt(500, "full-weight steps of the base", valid=COUNT)
-    base_lr: float = opt(2e-3, "peak learning rate of the base", valid=POSITIVE)
+    base_steps: int = opt(2000, "full-weight steps of the base", valid=COUNT)
+    base_lr: float = opt(1e-3, "peak learning rate of the base", valid=POSITIVE)
     batch_size: int = opt(32, "examples per step, base and adapters", valid=COUNT)
     cutoff: int = opt(128, "max tokens per row", valid=COUNT)
     # The adapters; the rest is coin.py's defaults (LoRA r 16, alpha 16 on q, k, v, o; tau 0.05, lambda 1000)
@@ -150,7 +150,7 @@ def split_rows(cfg, task):
     unseen = {CONTENT[task].format(**r) for r in evaluated}
     rows = {CONTENT[task].format(**r): r for r in labelled_rows(Path(cfg.train_dir) / f"{task}.jsonl", task)}
     order = sorted(rows.keys() - unseen)
-    random.Random(f"split:{task}").shuffle(order)
+    random.Random("split").shuffle(order)  # one seed for all tasks: tasks on the same sentences split alike
     held = 0 if cfg.eval_dir else cfg.eval_rows
     ends = list(itertools.accumulate([held, 2 * cfg.tune_groups, cfg.base_rows]))
     if len(order) < ends[1] + 100:

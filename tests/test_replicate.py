@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from statistics import mean
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_report_has_every_arm_group_and_task_and_paired_differences(tiny_run):
         ours, continual = (report["arms"][a]["groups"][g]["mean"] for a in (arm, "continual"))
         assert diff["ci95"] is None and diff["mean"] == pytest.approx(ours - continual)
     text = (out / "report.md").read_text()
-    assert "- continual [95% CI]" in text and "## seen template" in text and "Wall time" in text
+    assert "- continual [95% CI]" in text and "## seen template" in text and "Stages " in text
     assert "| mean8 | `--pooling mean --lam 1e+08` |" in text
     diagnostics = {arm: report["arms"][arm]["diagnostics"] for arm in report["arms"]}
     assert diagnostics["continual"]["contrastive_share_first"] == 0
@@ -194,19 +195,37 @@ def test_intervals_over_seeds_are_students_t():
 
 
 def test_toy_data_is_rebuilt_byte_for_byte(tmp_path):
-    toy_data.main(["--out", str(tmp_path), "--rows", "3000", "--seed", "0"])
+    toy_data.main(["--out", str(tmp_path), "--rows", "4000", "--seed", "0"])
     for task in ("sst2", "cola"):
         assert (tmp_path / f"{task}.jsonl").read_bytes() == (TOY / f"{task}.jsonl").read_bytes()
 
 
-def test_toy_labels_follow_their_rules():
-    rows = [json.loads(line) for line in (TOY / "sst2.jsonl").read_text().splitlines()]
-    for row in rows[:300]:
-        main = row["sentence"].split(", ")[-1]  # "although A, B": B decides
-        positive = any(w in main.split() for w in toy_data.POSITIVE)
-        assert positive == (row["label"] == 1), row
-    cola = [json.loads(line) for line in (TOY / "cola.jsonl").read_text().splitlines()]
-    assert 0.4 < sum(r["label"] for r in cola) / len(cola) < 0.6
+def grammatical(clause):
+    """The toy grammar, re-expressed: a clause is a subject, a verb, then the rest."""
+    return any(clause.startswith(f"{subject} {verb} ") for subject in toy_data.SUBJECTS
+               for verb in toy_data.VERBS)
+
+
+def test_the_toy_tasks_share_their_sentences_and_each_label_follows_its_rule():
+    sst2, cola = ([json.loads(line) for line in (TOY / f"{task}.jsonl").read_text().splitlines()]
+                  for task in ("sst2", "cola"))
+    assert [r["sentence"] for r in sst2] == [r["sentence"] for r in cola]  # only the instruction differs
+    for sentiment, grammar in zip(sst2, cola):
+        text = sentiment["sentence"].removesuffix(" .")
+        clauses = text.removeprefix("although ").split(", ") if text.startswith("although ") else [text]
+        assert any(w in clauses[-1].split() for w in toy_data.POSITIVE) == (sentiment["label"] == 1), text
+        assert all(map(grammatical, clauses)) == (grammar["label"] == 1), text
+    for rows in (sst2, cola):  # balanced labels, and sentiment and grammar independent of each other
+        assert 0.45 < mean(r["label"] for r in rows) < 0.55
+    both = mean(s["label"] == 1 and c["label"] == 1 for s, c in zip(sst2, cola))
+    assert abs(both - 0.25) < 0.03
+
+
+def test_tasks_on_the_same_sentences_split_them_alike(tmp_path):
+    cfg = replicate.ReplicateConfig(out=str(tmp_path))  # the toy tasks: the same sentences
+    parts = {task: replicate.split_rows(cfg, task) for task in ("sst2", "cola")}
+    for name in ("eval", "tune", "base"):
+        assert [r["sentence"] for r in parts["sst2"][name]] == [r["sentence"] for r in parts["cola"][name]]
 
 
 def bad_cases(tmp_path):
