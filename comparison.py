@@ -95,8 +95,8 @@ def arms_table(report):
     """A row per arm: its flags and what its training did, first -> last tenth of the steps."""
     rows = [[arm, f"`{flags_text(a['flags'])}`"]
             + [first_last(a["diagnostics"], name, ".3f") for name in ("contrastive_share", "cosine_margin")]
-            + [first_last(a["diagnostics"], "weight_capped", ".2f"), first_last(a["training"], "gen", ".3f"),
-               first_last(a["training"], "ctr", ".2e")] for arm, a in report["arms"].items()]
+            + [first_last(a["diagnostics"], "weight_capped", ".2f"), first_last(a["training"], "gen", ".3g"),
+               first_last(a["training"], "ctr", ".3g")] for arm, a in report["arms"].items()]
     return markdown_table(["arm", "coin.py flags", "contrastive share", "cosine margin", "groups at lambda",
                            "L_gen", "L_ctr"], rows)
 
@@ -139,6 +139,16 @@ def tables(report):
                         markdown_table(["task", "arm"] + report["groups"], per_task)])
 
 
+def time_line(seconds):
+    """What the run's stages took (their seconds, kept in each stage's JSON), so that a rerun that only
+    rewrites the report still says what the run cost."""
+    arms = [s for key, s in seconds.items() if "/" in key]
+    span = lambda k: f"{min(s[k] for s in arms):.0f} to {max(s[k] for s in arms):.0f} s"  # noqa: E731
+    total = seconds["data"] + seconds["base"] + sum(s["train"] + s["score"] for s in arms)
+    return (f"Stages {total / 60:.1f} min: data {seconds['data']:.0f} s, base {seconds['base']:.0f} s, "
+            f"{len(arms)} adapters {span('train')} each to train and {span('score')} to score.")
+
+
 def write_report(out, setup, scores, seeds, arms, wall_s):
     """Write report.json, report.md and report.png (when matplotlib is there) to out; print report.md."""
     report = dict(setup, **combine(scores, seeds, arms), wall_s=round(wall_s))
@@ -147,7 +157,8 @@ def write_report(out, setup, scores, seeds, arms, wall_s):
     majority = ", ".join(f"{t} {setup['rows'][t]['eval_majority']:.1f}%" for t in report["tasks"])
     text = (f"# CoIN's arms against continual instruction tuning\n\nSeeds {', '.join(map(str, seeds))}; "
             f"accuracy in % on the held-out rows (majority class: {majority}), rank mode; mean ± std over "
-            f"prompts, averaged over seeds. Wall time {wall_s / 60:.1f} min.\n\n{tables(report)}\n"
+            f"prompts, averaged over seeds. {time_line(setup['seconds'])} This run: {wall_s / 60:.1f} min."
+            f"\n\n{tables(report)}\n"
             + (f"Plot: {png.name}\n" if png else "No plot: pip install matplotlib to get report.png\n"))
     write_atomically(out / "report.md", text)
     print(text + f"\nwrote {out / 'report.md'} and {out / 'report.json'}")
