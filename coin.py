@@ -19,7 +19,7 @@ objective per group g, batched, so the micro-batch size changes only speed and m
 Runs:
     python coin.py --data examples/flan_coin_demo.jsonl --tiny --out out/ --epochs 5 --lr 1e-3   # CPU demo
     python coin.py --data flan_coin.jsonl --base llama-7b-hf --adapter alpaca-lora-7b --out out/  # the paper
-    python memory.py --rows 32    # the paper's run at micro-batch 16 needs ~16.4 GiB: it fits a 24 GB GPU
+    python memory.py --rows 32 --supervised 8   # the paper's run at micro-batch 16: ~16.4 GiB, fits 24 GB
 
 Shape legend: B examples per micro-batch (2B rows), T tokens, D model dim, V vocab, K micro-batches per step.
 
@@ -59,7 +59,7 @@ from tiny_base import build_tiny_base, install_tiny_base
 class TrainConfig:
     # What to train
     data: str | None = opt(None, "flan_coin.jsonl training file (data.py)")
-    base: str | None = opt(None, "HF LLaMA directory: config.json, weights, tokenizer.model")
+    base: str | None = opt(None, "HF directory (llama, mistral, qwen2): config.json, weights, tokenizer")
     tiny: bool = opt(False, "instead of --base: a tiny random LLaMA and a tokenizer trained on --data")
     adapter: str | None = opt(None, "peft LoRA adapter to continue training (CoIN continues alpaca-lora)")
     merge_adapter: bool = opt(False, "merge --adapter into the base and train a fresh LoRA on top instead")
