@@ -88,8 +88,6 @@ def save_training_plot(records, path):
     return save_figure(plt, fig, path)
 
 
-
-
 def save_arms_plot(report, path):
     """report.png of replicate.py (comparison.py): per group, each arm's accuracy (error bars: the std over
     prompts), and each arm's difference to continual (error bars: the 95% interval over seeds); beside them,
@@ -105,14 +103,15 @@ def save_arms_plot(report, path):
     acc, diff, diag = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 2, 3), fig.add_subplot(2, 2, 4)
     for k, (arm, a) in enumerate(arms.items()):
         style = dict(color=f"C{k % 10}", label=arm)  # an arm's colour, the same in every panel
-        x = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(groups))]
+        offset = (k - (len(arms) - 1) / 2) * width  # the arm's bar beside the others, in every panel
+        x = [i + offset for i in range(len(groups))]
         acc.bar(x, [a["groups"][g]["mean"] for g in groups], width, capsize=2,
                 yerr=[a["groups"][g]["std"] for g in groups], **style)
         if arm in report["minus_continual"]:
             d = [report["minus_continual"][arm][g]["mean"] for g in groups]  # {mean, ci95 or None}
             half = [v["ci95"][1] - v["mean"] if v["ci95"] else 0 for v in d]  # t intervals are symmetric
             diff.errorbar(x, [v["mean"] for v in d], yerr=half, fmt="o", capsize=2, **style)
-        diag.bar([i + (k - (len(arms) - 1) / 2) * width for i in range(len(names))],
+        diag.bar([i + offset for i in range(len(names))],
                  [a["diagnostics"][n] for n in names], width, **style)
     for ax, title in ((acc, "accuracy (%)"), (diff, "minus continual (points)")):
         ax.set_xticks(range(len(groups)), groups, rotation=20)
