@@ -90,9 +90,9 @@ def save_training_plot(records, path):
 
 def save_arms_plot(report, path):
     """report.png of replicate.py (comparison.py): per group, each arm's accuracy (error bars: the std over
-    prompts), and each arm's difference to continual (error bars: the 95% interval over seeds); beside them,
-    each arm's contrastive share and cosine margin over the first and the last tenth of its steps. None
-    without matplotlib."""
+    prompts), and each arm's difference to continual (error bars: the 95% interval over the units: bases or
+    adapter seeds); beside them, each arm's contrastive share and cosine margin over the first and the last
+    tenth of its steps. None without matplotlib."""
     plt = pyplot()
     if plt is None:
         return None
@@ -115,7 +115,7 @@ def save_arms_plot(report, path):
                  [a["diagnostics"][n] for n in names], width, **style)
     for ax, title in ((acc, "accuracy (%)"), (diff, "minus continual (points)")):
         ax.set_xticks(range(len(groups)), groups, rotation=20)
-        ax.set(title=f"{title}, mean over {len(report['seeds'])} seeds")
+        ax.set(title=f"{title}, mean over {len(report['units'])} {report['unit']}")
     diff.axhline(0, color="grey", lw=0.8)
     diag.set_xticks(range(4), ["share, first", "share, last", "margin, first", "margin, last"], rotation=20)
     diag.set(title="is the contrastive term active?")

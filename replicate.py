@@ -1,22 +1,24 @@
-"""replicate.py: see CoIN work: its arms against continual instruction tuning, same base, data, steps, seeds.
+"""replicate.py: see CoIN work: its arms against continual instruction tuning, same base, data, steps, seed.
 
 The paper's experiment at laptop scale, in one command. Each stage's output is kept in --out, and a stage
 whose output is there is skipped: an interrupted run continues where it stopped.
 
   1. data    each task's training rows (one per distinct text), shuffled once, cut into three disjoint parts:
              evaluation (or --eval-dir's), base and adapters; rendered with the templates (prepare_data.py)
-  2. base    the "Alpaca stage": a small random LLaMA and a BPE tokenizer, instruction-tuned in full
-  3. arms    per seed, one LoRA adapter per arm on that base (coin.py), all with the same data, steps and
-             seed, each with its own coin.py flags (--arms): by default continual instruction tuning
-             (--no-contrastive) and CoIN; the study adds the paper's lambda grid, pooling and negatives
+  2. bases   the "Alpaca stage" (replicate_bases.py): small LLaMAs, instruction-tuned in full. By default
+             the shipped ones (--bases: every CPU starts from the same weights); --base-seeds trains them here
+  3. arms    per unit, one LoRA adapter per arm (coin.py), all with the same data, steps and seed, each with
+             its own coin.py flags (--arms): by default continual instruction tuning (--no-contrastive) and
+             CoIN. The unit of replication is a base (several bases, one adapter seed), or an adapter seed
+             (one base, several --seeds)
   4. scores  each adapter in evaluate.py's rank mode, coin.py's input format: under the prompt file's clean
              and perturbed instructions (never trained on), under three training templates (does the model
              do the task at all?); the hidden-state similarity of perturbed to clean inputs (scoring.py)
-  5. report  report.md, report.json, report.png: every arm against continual (comparison.py)
+  5. report  report.md, report.json, report.png: every arm against continual, over the units (comparison.py)
 
-    python replicate.py --out runs/quick      # the toy tasks (examples/toy_glue): the README's Quickstart
+    python replicate.py --out runs/quick      # the toy tasks on the shipped bases: the README's Quickstart
     python replicate.py --train-dir ../shared/glue/train --templates ../shared/flan/templates.json \\
-        --tasks sst2 --out runs/study --arms "..." ...    # real SST-2: the README's study gives the flags
+        --tasks sst2 --out runs/study --arms "..." ...    # real SST-2: docs/study.md gives the flags
 """
 import itertools
 import json
@@ -28,23 +30,20 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from comparison import BASELINE, write_report
-from coin import TrainConfig, learning_rate, micro_batch_loss, train
-from data import ContrastiveDataset, collate, epoch_steps, load_examples
+from coin import TrainConfig, train
 from diagnostics import ends, read_metrics
 from evaluate import DEFAULT_PROMPTS, load_prompt_set, plan_cells
 from files import read_json, write_atomically
-from flags import COUNT, POSITIVE, SEED, comma_list_of, opt, parse_flags
+from flags import COUNT, POSITIVE, comma_list_of, opt, parse_flags
 from glue import CONTENT, flan_row, label_id, labelled_rows
-from hf_io import load_model, load_tokenizer, save_model
-from model import ModelArgs
 from prepare_data import build_examples, load_templates, write_examples
+from replicate_bases import (check_rows, over, plan_units, refuse_mixed, rows_digest, train_base,
+                             write_manifest)
 from scoring import FLAN_NAME, score_adapter
-from tiny_base import build_tiny_base
 
-TOY = Path(__file__).resolve().parent / "examples" / "toy_glue"  # toy_data.py's tasks, in GLUE's layout
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+TOY, TOY_BASES = EXAMPLES / "toy_glue", EXAMPLES / "toy_bases"  # toy_data.py's tasks; their shipped bases
 SEEDS = (lambda v: all(s.isdigit() for s in v.split(",")) and len(set(v.split(","))) == len(v.split(",")),
          "a comma list of distinct seeds, e.g. 0,1,2")
 ARMS = "continual=--no-contrastive; coin="  # the default arms: continual instruction tuning and CoIN
@@ -65,21 +64,26 @@ class ReplicateConfig:
     prompts: str = opt(str(DEFAULT_PROMPTS), "unseen instructions to score, {group: {task: [...]}}")
     tasks: str = opt("sst2,cola", "comma list of tasks", valid=(comma_list_of(FLAN_NAME)[0], "a comma list "
                      "of sst2, cola: the tasks whose templates answer with GLUE's label words"))
-    seeds: str = opt("0,1,2", "one adapter per arm and seed", valid=SEEDS)
     arms: str = opt(ARMS, "the adapters: 'name=coin.py flags' pairs separated by ';', one of them named "
                           f"{BASELINE}, which every other arm is compared with")
     out: str = opt("runs/replicate", "output dir")
     eval_rows: int = opt(60, "rows per task evaluated: held out, or drawn from --eval-dir", valid=COUNT)
-    base_rows: int = opt(3000, "rows per task that instruction-tune the base", valid=COUNT)
+    base_rows: int = opt(3000, "rows per task that instruction-tune the bases", valid=COUNT)
     tune_groups: int = opt(400, "groups (anchor + hard negative) per task training the adapters", valid=COUNT)
-    # The base: a small LLaMA trained in full
+    # The bases, and the unit of replication
+    bases: str = opt(str(TOY_BASES), "the bases: a folder of base<N>/ with bases.json (replicate_bases.py), "
+                                     "or one base of it; ignored with --base-seeds")
+    base_seeds: str = opt("", "train a base per seed here instead, e.g. 0 or 0,1,2",
+                          valid=(lambda v: not v or SEEDS[0](v), "empty, or " + SEEDS[1]))
+    seeds: str = opt("0", "adapter seeds: with one base, one adapter per arm and seed; with several bases, "
+                          "one seed", valid=SEEDS)
+    # How --base-seeds trains a base: a small LLaMA trained in full (replicate_bases.BASE_SETTINGS)
     dim: int = opt(128, "model width", valid=COUNT)
     layers: int = opt(2, "decoder layers", valid=COUNT)
     vocab: int = opt(1000, "BPE pieces of the tokenizer trained on the base's rows", valid=COUNT)
-    base_seed: int = opt(0, "seed of the base's weights and data order", valid=SEED)
-    base_steps: int = opt(2000, "full-weight steps of the base", valid=COUNT)
-    base_lr: float = opt(1e-3, "peak learning rate of the base", valid=POSITIVE)
-    batch_size: int = opt(32, "examples per step, base and adapters", valid=COUNT)
+    base_steps: int = opt(2000, "full-weight steps of a base", valid=COUNT)
+    base_lr: float = opt(1e-3, "peak learning rate of a base", valid=POSITIVE)
+    batch_size: int = opt(32, "examples per step, bases and adapters", valid=COUNT)
     cutoff: int = opt(128, "max tokens per row", valid=COUNT)
     # The adapters; the rest is coin.py's defaults (LoRA r 16, alpha 16 on q, k, v, o; tau 0.05, lambda 1000)
     tune_steps: int = opt(40, "steps of each adapter", valid=COUNT)
@@ -110,9 +114,10 @@ def parse_arms(text):
 
 
 def check(cfg):
-    """(tasks, seeds, arms, templates, prompt set, rows split): every file, row, name and arm, before any
-    writing. A rerun may add seeds and arms to a run; anything else must be as before."""
-    tasks, seeds, arms = cfg.tasks.split(","), [int(s) for s in cfg.seeds.split(",")], parse_arms(cfg.arms)
+    """(tasks, units, arms, templates, prompt set, rows split, base rows' digest): every file, row, name and
+    arm, and that shipped bases learned from this run's base rows, before any writing. A rerun may add
+    seeds and arms to a run; anything else must be as before."""
+    tasks, arms, units = cfg.tasks.split(","), parse_arms(cfg.arms), plan_units(cfg)
     templates, prompt_set = load_templates(cfg.templates), load_prompt_set(cfg.prompts)
     for task in tasks:
         for folder, flag in ((cfg.train_dir, "--train-dir"), (cfg.eval_dir, "--eval-dir")):
@@ -130,12 +135,16 @@ def check(cfg):
     saved, free = Path(cfg.out) / "replicate.json", ("seeds", "arms")
     if saved.is_file() and any(read_json(saved).get(k) != v for k, v in asdict(cfg).items() if k not in free):
         raise ValueError(f"{saved}: made with other settings; give another --out, or the same flags")
-    for seed, (name, flags) in itertools.product(seeds, arms.items()):
-        trained = Path(cfg.out) / f"seed{seed}" / name / "arm.json"
+    for (unit, _, _), (name, flags) in itertools.product(units, arms.items()):
+        trained = Path(cfg.out) / unit / name / "arm.json"
         if trained.is_file() and read_json(trained) != flags:
             raise ValueError(f"{trained}: arm {name} was trained with other flags ({read_json(trained)}); "
                              "give the arm another name, or its flags as before")
-    return tasks, seeds, arms, templates, prompt_set, {task: split_rows(cfg, task) for task in tasks}
+    parts = {task: split_rows(cfg, task) for task in tasks}
+    digest = rows_digest(rendered(cfg, parts, templates, "base"))
+    if not cfg.base_seeds:
+        check_rows(cfg.bases, digest)
+    return tasks, units, arms, templates, prompt_set, parts, digest
 
 
 # -----------------------------------------------------------------------------
@@ -164,8 +173,7 @@ def split_rows(cfg, task):
 
 
 def build_data(cfg, parts, templates, folder):
-    """Write eval/<task>.jsonl (GLUE layout), base.jsonl and tune.jsonl (coin.py's data) under folder. Only
-    the templates that answer with the label are used: the ones that ask for a text are another task."""
+    """Write eval/<task>.jsonl (GLUE layout), base.jsonl and tune.jsonl (coin.py's data) under folder."""
     (folder / "eval").mkdir(parents=True, exist_ok=True)
     sizes = {}
     for t, rows in parts.items():
@@ -173,47 +181,32 @@ def build_data(cfg, parts, templates, folder):
         labels = Counter(label_id(t, r["label"], t) for r in rows["eval"])
         sizes[t] = dict({name: len(part) for name, part in rows.items()},
                         eval_majority=100 * max(labels.values()) / len(rows["eval"]))
-    answering = {FLAN_NAME[t]: [pair for pair in templates[FLAN_NAME[t]] if pair[1] == "{answer}"]
-                 for t in parts}
-    for name, per_task in (("base", None), ("tune", cfg.tune_groups)):
-        sources = {FLAN_NAME[t]: [flan_row(FLAN_NAME[t], r, t) for r in parts[t][name]] for t in parts}
-        write_examples(folder / f"{name}.jsonl", build_examples(answering, sources, per_task, seed=0)[0])
+    for name in ("base", "tune"):
+        write_examples(folder / f"{name}.jsonl", rendered(cfg, parts, templates, name))
     return sizes
 
 
-# -----------------------------------------------------------------------------
-# 3. The base: a small LLaMA instruction-tuned in full ("Alpaca stage")
+def rendered(cfg, parts, templates, name):
+    """coin.py's examples of one part (base, tune) of every task's rows, rendered with the templates that
+    answer with the label (the ones that ask for a text are another task); tune: --tune-groups per task."""
+    answering = {FLAN_NAME[t]: [pair for pair in templates[FLAN_NAME[t]] if pair[1] == "{answer}"]
+                 for t in parts}
+    sources = {FLAN_NAME[t]: [flan_row(FLAN_NAME[t], r, t) for r in parts[t][name]] for t in parts}
+    return build_examples(answering, sources, cfg.tune_groups if name == "tune" else None, seed=0)[0]
 
-def train_base(cfg, data, folder):
-    """Train every weight of a random LLaMA on both views of data's examples, with cross-entropy on the
-    answers alone (coin.py's generation loss), AdamW, linear warmup and decay; write it and its tokenizer."""
-    examples, _ = load_examples(data)
-    args = ModelArgs(dim=cfg.dim, n_layers=cfg.layers, n_heads=max(1, cfg.dim // 32), vocab_size=cfg.vocab,
-                     intermediate_size=cfg.dim * 8 // 3, norm_eps=1e-5, tie_word_embeddings=True)
-    scratch = build_tiny_base(examples, cfg.base_seed, args)  # random weights, a tokenizer trained on them
-    model, tokenizer = load_model(scratch.name), load_tokenizer(scratch.name)
-    dataset = ContrastiveDataset(examples, tokenizer, cfg.cutoff)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
-    windows = (step for epoch in itertools.count()
-               for step in epoch_steps(dataset.groups, cfg.batch_size, cfg.batch_size, cfg.base_seed, epoch,
-                                       lengths=dataset.lengths))
-    model.train()
-    for step, (indices,) in enumerate(itertools.islice(windows, cfg.base_steps)):  # one micro-batch a step
-        batch = collate([dataset[i] for i in indices], dataset.pad_id)
-        groups = int(batch["group_index"].max()) + 1
-        loss, parts = micro_batch_loss(model, batch, groups, 1.0, 1.0, contrastive=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.base_steps, cfg.base_lr, cfg.base_steps // 10)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == cfg.base_steps - 1:
-            print(f"base step {step + 1}/{cfg.base_steps}: answer cross-entropy {parts['gen'] / groups:.3f}")
-    save_model(model, folder)
-    tokenizer_bytes = (Path(scratch.name) / "tokenizer.model").read_bytes()
-    write_atomically(folder / "tokenizer.model", lambda tmp: tmp.write_bytes(tokenizer_bytes))
-    return dict(last_answer_loss=round(parts["gen"] / groups, 4))
+
+# -----------------------------------------------------------------------------
+# 3. The bases and the arms
+
+def train_bases(cfg, out, digest):
+    """{base: seconds} of --base-seeds' bases, each trained here unless done (replicate_bases.train_base),
+    recorded in out/bases/bases.json with their rows' digest; none with shipped bases."""
+    rows, folder = out / "data" / "base.jsonl", out / "bases"
+    seconds = {f"base{s}": stage(folder / f"base{s}" / "done.json", lambda: train_base(
+        cfg, int(s), rows, folder / f"base{s}"))["seconds"] for s in filter(None, cfg.base_seeds.split(","))}
+    if seconds and not (folder / "bases.json").is_file():
+        write_manifest(cfg, folder, digest)
+    return seconds
 
 
 def arm_config(cfg, data, base, seed, flags, out):
@@ -249,31 +242,31 @@ def stage(path, make):
 def replicate(cfg):
     """Run the stages (the module's docstring), each skipped when done; write and print the report."""
     started, out = time.perf_counter(), Path(cfg.out)
-    tasks, seeds, arms, templates, prompt_set, parts = check(cfg)
+    tasks, units, arms, templates, prompt_set, parts, digest = check(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "replicate.json", json.dumps(asdict(cfg), indent=1))
-    data, base = out / "data", out / "base"
+    data = out / "data"
     sizes = stage(data / "sizes.json", lambda: build_data(cfg, parts, templates, data))
-    seconds = dict(data=sizes.pop("seconds"))
+    seconds = dict(data=sizes.pop("seconds"), bases=train_bases(cfg, out, digest))
     print("rows per task: " + "; ".join(f"{t} {json.dumps(s)}" for t, s in sizes.items()))
-    seconds["base"] = stage(base / "done.json", lambda: train_base(cfg, data / "base.jsonl", base))["seconds"]
     scores = {}
-    for seed, (arm, flags) in itertools.product(seeds, arms.items()):
-        arm_dir = out / f"seed{seed}" / arm
+    for (unit, base, seed), (arm, flags) in itertools.product(units, arms.items()):
+        arm_dir = out / unit / arm
         tune = arm_config(cfg, data / "tune.jsonl", base, seed, flags, arm_dir)
         trained = stage(arm_dir / "trained.json", lambda: train_arm(tune, flags))
-        scores[seed, arm] = stage(arm_dir / "scores.json", lambda: score_adapter(
+        scores[unit, arm] = stage(arm_dir / "scores.json", lambda: score_adapter(
             base, arm_dir, data / "eval", tasks, templates, prompt_set, cfg.eval_batch_size))
-        scores[seed, arm]["training"] = trained
-        seconds[f"seed{seed}/{arm}"] = dict(train=trained["seconds"], score=scores[seed, arm]["seconds"])
-    write_report(out, dict(config=asdict(cfg), rows=sizes, seconds=seconds), scores, seeds, arms,
-                 time.perf_counter() - started)
+        scores[unit, arm]["training"] = trained
+        seconds[f"{unit}/{arm}"] = dict(train=trained["seconds"], score=scores[unit, arm]["seconds"])
+    write_report(out, dict(config=asdict(cfg), rows=sizes, seconds=seconds, **over(cfg, units)), scores,
+                 [unit for unit, _, _ in units], arms, time.perf_counter() - started)
 
 
 def main(argv=None):
-    cfg = ReplicateConfig(**parse_flags(ReplicateConfig, argv, "CoIN vs continual instruction tuning"))
+    given = parse_flags(ReplicateConfig, argv, "CoIN vs continual instruction tuning")
     try:
-        replicate(cfg)
+        refuse_mixed(given)
+        replicate(ReplicateConfig(**given))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -10,6 +10,8 @@ so no answer is invalid and a wrong answer is a wrong label, never a malformed o
                     training never sees), each instruction followed by the row
     hidden states   paper §5.1: the mean cosine of the last-token states under each perturbed group's prompts
                     to those under the clean ones, same prompt index and example (report.hidden_report)
+    margins         per cell and example, how far its answer is from flipping (tests/test_replicate.py
+                    checks a run of a shipped base against its committed numbers with them)
 """
 from data import PROMPT_TEMPLATE
 from evaluate import EvalConfig, build_input, cell_records, plan_cells, predict
@@ -63,4 +65,12 @@ def score_adapter(base, adapter, eval_dir, tasks, templates, prompt_set, batch_s
     texts = {g: [build_input(instruction, ex["content"], "train") for t, group, _, instruction
                  in cells.values() if t == first and group == g for ex in data[first]] for g in prompt_set}
     hidden, _ = hidden_report(model, tokenizer, first, texts, len(data[first]), batch_size, adapter)
-    return dict(results, hidden_cosine_to_clean=hidden["cosine_to_clean"], hidden_task=first)
+    return dict(results, hidden_cosine_to_clean=hidden["cosine_to_clean"], hidden_task=first,
+                margins={key: [margin(r) for r in rs] for key, rs in records.items()})
+
+
+def margin(record):
+    """How far a rank-mode answer is from flipping: log p(gold label) minus the largest log p of another
+    label (> 0: right). Another CPU's rounding can change only the answers whose margin it can cross."""
+    gold, scores = record["gold"], record["raw"]  # raw: {label: log-likelihood}
+    return scores[gold] - max(v for label, v in scores.items() if label != gold)

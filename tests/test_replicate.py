@@ -19,22 +19,24 @@ from diagnostics import read_metrics
 
 TOY = ROOT / "examples" / "toy_glue"
 # A run small enough for a test: one layer, few steps, few rows; the shipped toy data and prompt file.
-TINY = ["--dim", "32", "--layers", "1", "--vocab", "400", "--base-steps", "4", "--tune-steps", "2",
-        "--eval-rows", "6", "--base-rows", "200", "--tune-groups", "20", "--batch-size", "8"]
+ROWS = ["--eval-rows", "6", "--base-rows", "200", "--tune-groups", "20", "--batch-size", "8",
+        "--tune-steps", "2"]
+BASE = ["--dim", "32", "--layers", "1", "--vocab", "400", "--base-steps", "4"]  # how --base-seeds trains one
 
 
-def run(out, *flags):
-    replicate.main(["--out", str(out), *TINY, *flags])
+def run(out, *flags, base=BASE):
+    replicate.main(["--out", str(out), *ROWS, *base, *flags])
     return json.loads((out / "report.json").read_text())
 
 
 ARMS = "continual=--no-contrastive; coin=; mean8=--pooling mean --lam 1e8"  # three arms, one with its term on
+SEED3 = ["--base-seeds", "0", "--seeds", "3"]  # one base trained here, one adapter seed: 3
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("replicate")
-    return out, run(out, "--seeds", "3", "--arms", ARMS)
+    return out, run(out, *SEED3, "--arms", ARMS)
 
 
 def texts_of(path):
@@ -53,7 +55,7 @@ def test_training_and_evaluation_rows_never_overlap(tmp_path, eval_dir):
         lines = (TOY / "sst2.jsonl").read_text().splitlines()[:30]
         (tmp_path / "held" / "sst2.jsonl").write_text("\n".join(lines) + "\n")
         flags["eval_dir"] = str(tmp_path / "held")
-    cfg = replicate.ReplicateConfig(tasks="sst2", out=str(tmp_path / "run"), **flags)
+    cfg = replicate.ReplicateConfig(tasks="sst2", out=str(tmp_path / "run"), base_seeds="0", **flags)
     parts = replicate.split_rows(cfg, "sst2")
     texts = {name: [r["sentence"] for r in rows] for name, rows in parts.items()}
     assert len(texts["eval"]) == (30 if eval_dir else 50) and len(texts["base"]) == 300
@@ -61,7 +63,7 @@ def test_training_and_evaluation_rows_never_overlap(tmp_path, eval_dir):
     for a, b in (("eval", "base"), ("eval", "tune"), ("base", "tune")):
         assert not set(texts[a]) & set(texts[b]), (a, b)
     # and in the files the run trains on: no evaluated sentence is inside any rendered instruction
-    _, _, _, templates, _, split = replicate.check(cfg)
+    _, _, _, templates, _, split, _ = replicate.check(cfg)
     assert split["sst2"] == parts
     replicate.build_data(cfg, split, templates, tmp_path / "data")
     evaluated = texts_of(tmp_path / "data" / "eval" / "sst2.jsonl")
@@ -94,7 +96,7 @@ def test_the_split_is_the_same_for_every_seed_and_run(tmp_path):
 def test_report_has_every_arm_group_and_task_and_paired_differences(tiny_run):
     out, report = tiny_run
     groups = ["seen template", "clean", "deepwordbug", "textfooler", "checklist", "semantic"]
-    assert report["groups"] == groups and report["tasks"] == ["sst2", "cola"] and report["seeds"] == [3]
+    assert report["groups"] == groups and report["tasks"] == ["sst2", "cola"] and report["units"] == ["seed3"]
     assert list(report["arms"]) == ["continual", "coin", "mean8"]
     for arm, body in report["arms"].items():
         for g in groups:
@@ -126,7 +128,8 @@ def test_the_arms_differ_in_their_own_flags_alone(tiny_run):
         return {k for k in configs[a] if configs[a][k] != configs[b][k]}
     assert differing("coin", "continual") == {"contrastive", "out"} and configs["coin"]["contrastive"]
     assert differing("mean8", "coin") == {"pooling", "lam", "out"} and configs["mean8"]["lam"] == 1e8
-    assert configs["coin"]["base"] == str((out / "base").resolve()) and configs["coin"]["seed"] == 3
+    assert configs["coin"]["base"] == str((out / "bases" / "base0").resolve())
+    assert configs["coin"]["seed"] == 3
     metrics = {arm: read_metrics(out / "seed3" / arm) for arm in arms}
     assert all(m["ctr"] == 0 for m in metrics["continual"]) and all(m["ctr"] > 0 for m in metrics["coin"])
     # the same base, data and steps: the first step's generation loss is the same in every arm
@@ -139,10 +142,10 @@ def test_a_rerun_resumes_from_the_stages_already_done(tiny_run, capsys):
     out, report = tiny_run
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")
               if not p.name.startswith(("report", "replicate"))}  # the run's own record is rewritten
-    again = run(out, "--seeds", "3", "--arms", ARMS)
+    again = run(out, *SEED3, "--arms", ARMS)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
     assert again["arms"] == report["arms"]
-    more = run(out, "--seeds", "3", "--arms", ARMS + "; lam1=--lam 1")  # an arm added: it alone is trained
+    more = run(out, *SEED3, "--arms", ARMS + "; lam1=--lam 1")  # an arm added: only it is trained
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert (out / "seed3" / "lam1" / "trained.json").is_file()
     assert list(more["arms"]) == ["continual", "coin", "mean8", "lam1"]
@@ -162,12 +165,12 @@ def test_the_plot_is_drawn_with_matplotlib_and_skipped_without(tiny_run, monkeyp
 def test_a_rerun_with_other_settings_or_a_file_as_out_is_refused(tiny_run, tmp_path):
     out, _ = tiny_run
     with pytest.raises(SystemExit, match="replicate.json: made with other settings; give another --out"):
-        run(out, "--seeds", "3", "--arms", ARMS, "--tune-steps", "3")
+        run(out, *SEED3, "--arms", ARMS, "--tune-steps", "3")
     with pytest.raises(SystemExit, match="mean8/arm.json: arm mean8 was trained with other flags"):
-        run(out, "--seeds", "3", "--arms", "continual=--no-contrastive; mean8=--pooling max")
+        run(out, *SEED3, "--arms", "continual=--no-contrastive; mean8=--pooling max")
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit, match="a file, not a directory"):
-        run(tmp_path / "a_file")
+        run(tmp_path / "a_file", "--base-seeds", "0")
 
 
 def test_an_interrupted_adapter_stops_the_run_and_is_not_marked_trained(tmp_path, monkeypatch):
@@ -176,13 +179,72 @@ def test_an_interrupted_adapter_stops_the_run_and_is_not_marked_trained(tmp_path
         raise SystemExit(STOPPED)
     monkeypatch.setattr(replicate, "train", interrupted)
     with pytest.raises(SystemExit) as stopped:
-        run(tmp_path, "--seeds", "0")
+        run(tmp_path, "--base-seeds", "0")
     assert stopped.value.code == STOPPED  # a job script can tell "run me again" from a failure
-    assert (tmp_path / "base" / "done.json").is_file()
+    assert (tmp_path / "bases" / "base0" / "done.json").is_file()
     assert not (tmp_path / "seed0" / "continual" / "trained.json").exists()
 
 
-def test_intervals_over_seeds_are_students_t():
+# -----------------------------------------------------------------------------
+# Over bases: each base a unit; bases trained here, or loaded as shipped
+
+
+@pytest.fixture(scope="module")
+def two_bases(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bases")
+    return out, run(out / "built", "--base-seeds", "0,1", "--arms", TWO_ARMS)
+
+
+TWO_ARMS = "continual=--no-contrastive; coin="
+
+
+def test_over_several_bases_each_base_is_a_unit_of_the_intervals(two_bases):
+    out, report = two_bases
+    assert report["units"] == ["base0", "base1"] and report["unit"] == "bases"
+    assert report["over"].startswith("2 bases (base0, base1, trained here), adapter seed 0")
+    each = report["per_unit"]
+    for g in report["groups"]:  # the paired differences are per base, and their interval is over the bases
+        diff = report["minus_continual"]["coin"][g]["mean"]
+        per_base = [each[u]["coin"]["groups"][g] - each[u]["continual"]["groups"][g] for u in each]
+        assert diff["per_unit"] == pytest.approx(per_base) and diff["ci95"] == pytest.approx(
+            comparison.interval(per_base)["ci95"])
+    units = ("base0", "base1")
+    configs = [json.loads((out / "built" / u / "coin" / "config.json").read_text()) for u in units]
+    assert [c["base"] for c in configs] == [str((out / "built" / "bases" / u).resolve()) for u in units]
+    assert [c["seed"] for c in configs] == [0, 0]  # one adapter seed for every base
+    manifest = json.loads((out / "built" / "bases" / "bases.json").read_text())
+    assert manifest["settings"] == dict(tasks="sst2,cola", eval_rows=6, base_rows=200, tune_groups=20,
+                                        dim=32, layers=1, vocab=400, base_steps=4, base_lr=1e-3, batch_size=8,
+                                        cutoff=128)
+    text = (out / "built" / "report.md").read_text()
+    assert "Over 2 bases (base0, base1, trained here)" in text and "## Per unit: each of the bases" in text
+
+
+def test_bases_loaded_as_shipped_give_the_numbers_of_the_run_that_trained_them(two_bases):
+    out, built = two_bases
+    shipped = run(out / "shipped", "--bases", str(out / "built" / "bases"), "--arms", TWO_ARMS, base=[])
+    assert shipped["units"] == built["units"] and shipped["over"].startswith("2 bases (base0, base1, in ")
+    for key in ("arms", "minus_continual", "per_unit"):  # the same weights, seed and CPU: the same numbers
+        assert shipped[key] == built[key], key
+    assert shipped["seconds"]["bases"] == {}  # nothing trained but the adapters
+    one = run(out / "one", "--bases", str(out / "built" / "bases" / "base1"), "--seeds", "0,5", "--arms",
+              TWO_ARMS, base=[])  # one base of them: the unit is the adapter seed
+    assert one["units"] == ["seed0", "seed5"] and one["unit"] == "adapter seeds"
+    assert one["over"].startswith("2 adapter seeds (seed0, seed5) on one base (")
+    assert one["per_unit"]["seed0"] == built["per_unit"]["base1"]
+
+
+def test_bases_are_refused_for_rows_other_than_those_they_learned_from(two_bases, tmp_path):
+    out, _ = two_bases
+    for flags in (["--base-rows", "300"], ["--eval-rows", "8"], ["--tune-groups", "21"], ["--tasks", "sst2"]):
+        argv = ["--out", str(tmp_path / "run"), *ROWS, "--bases", str(out / "built" / "bases"), *flags]
+        with pytest.raises(SystemExit, match=r"learned from other rows than this run's base rows \(they were "
+                                             "built with --tasks sst2,cola --eval-rows 6 --base-rows 200"):
+            replicate.main(argv)
+        assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_intervals_over_units_are_students_t():
     values = [1.0, 2.0, 4.0]
     out = comparison.interval(values)
     half = 4.303 * math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2) / math.sqrt(3)
@@ -250,6 +312,12 @@ def bad_cases(tmp_path):
         (["--arms", "continual=--no-contrastive; x=--unknown 1"], "arm x: unrecognized arguments: --unknown"),
         (["--arms", "continual=--seed 3"], "arm continual: --seed is replicate.py's to set, the same for"),
         (["--arms", "continual=--lr '1e-3"], "arm continual: No closing quotation"),
+        (["--seeds", "0,1"], "--seeds 0,1: over 3 bases each base is a unit, and its adapters all have one"),
+        (["--base-seeds", "0,0"], "argument --base-seeds: 0,0 is out of range"),
+        (["--dim", "64"], "--dim: sets how --base-seeds trains a base; the bases of --bases were built"),
+        (["--base-seeds", "0", "--bases", str(TOY)], "--bases and --base-seeds: give one"),
+        (["--bases", str(tmp_path / "empty")], "empty: no base<N>/ folders with bases.json beside them"),
+        (["--base-rows", "2000"], "toy_bases: its bases learned from other rows than this run's base rows"),
     ]
 
 
