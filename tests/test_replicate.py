@@ -10,6 +10,7 @@ import pytest
 
 import comparison
 import plots
+import quickstart_numbers
 import replicate
 import toy_data
 from checkpoints import STOPPED
@@ -250,6 +251,44 @@ def test_intervals_over_units_are_students_t():
     half = 4.303 * math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2) / math.sqrt(3)
     assert out["mean"] == pytest.approx(7 / 3) and out["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half])
     assert comparison.interval([2.0])["ci95"] is None
+
+
+# -----------------------------------------------------------------------------
+# A shipped base gives every CPU the committed numbers, within what rounding can change
+
+
+@pytest.fixture(scope="module")
+def base0_runs(tmp_path_factory):
+    """The numbers of a two-arm run on examples/toy_bases/base0 as it is, and with every layer, logit and
+    cross-entropy moved by its rounding bound: another CPU, emulated (tests/quickstart_numbers.py)."""
+    plain, moved = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("moved")
+    replicate.main(["--out", str(plain), *quickstart_numbers.ARGS])
+    with quickstart_numbers.moved_rounding():
+        replicate.main(["--out", str(moved), *quickstart_numbers.ARGS])
+    return quickstart_numbers.numbers(plain), quickstart_numbers.numbers(moved)
+
+
+def test_a_shipped_base_gives_the_committed_answers_within_what_rounding_changes(base0_runs):
+    """Each answer's margin and each cell's accuracy, against the file written by the same code
+    (tests/quickstart_numbers.py). A CPU that rounds as far as fp32 lets it moves an arm's margins by D
+    (plain against moved); two CPUs differ by at most 2D. So an answer whose committed margin is beyond 2D
+    keeps its sign, and an accuracy may differ only by the answers within 2D of zero."""
+    plain, moved = base0_runs
+    expected = json.loads(quickstart_numbers.EXPECTED.read_text())
+    assert plain.keys() == expected.keys() == {"continual", "coin"}
+    free = total = 0
+    for arm, want in expected.items():
+        got, far = plain[arm], moved[arm]
+        d = max(max(abs(x - y) for x, y in zip(got["margins"][cell], far["margins"][cell]))
+                for cell in got["margins"])
+        assert 0 < d < 0.5, (arm, d)  # rounding moves the answers, by less than most are decided by
+        for cell, margins in want["margins"].items():
+            near = [abs(m) <= 2 * d for m in margins]  # the answers another CPU's rounding may flip
+            kept = [(m > 0) == (g > 0) for m, g in zip(margins, got["margins"][cell])]
+            assert all(k or n for k, n in zip(kept, near)), (arm, cell, 2 * d)
+            assert abs(got["accuracy"][cell] - want["accuracy"][cell]) <= 100 * sum(near) / len(margins) + 1e-9
+            free, total = free + sum(near), total + len(margins)
+    assert free <= 0.1 * total, (free, total)  # the tolerance leaves nine answers in ten decided: it can fail
 
 
 # -----------------------------------------------------------------------------
