@@ -48,7 +48,7 @@ from flags import parse_flags, up_to
 from hf_io import load_adapter, load_model, load_tokenizer, save_adapter
 from memory import training_summary
 from model import LINEARS, POOLING, apply_lora, bucketed_hidden_states, merge_lora, pool
-from precision import autocast, resolve_precision
+from precision import DTYPES, autocast, resolve_precision
 from tiny_base import build_tiny_base, install_tiny_base
 
 # -----------------------------------------------------------------------------
@@ -98,8 +98,8 @@ class TrainConfig:
     pooling: str = opt("last", "the state InfoNCE compares: last, the last answer token (CoIN); mean or max "
                                "over each row's real tokens (CoIN's footnote 2)", choices=POOLING)
     # Machinery
-    dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU, fp32 on a CPU; "
-                                  "fp16 adds a GradScaler)", choices=("bf16", "fp16", "fp32"))
+    dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU or a CPU with bf16 "
+                                  "units, else fp32; fp16 adds a GradScaler)", choices=tuple(DTYPES))
     device: str | None = opt(None, "cuda | cpu (default: cuda when there is a GPU)")
     grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of keeping activations")
     save_every: int = opt(100, "checkpoint every N optimizer steps (and at the end)", valid=COUNT)

@@ -51,14 +51,13 @@ from flags import COUNT, SEED, choose, comma_list_of, opt, parse_flags, up_to
 from glue import ANSWERS, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
 from model import generate, prefill
-from precision import DTYPES, resolve_precision
+from precision import DTYPE_NAMES, DTYPES, resolve_precision
 from report import hidden_report, render_tables, summarize
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "perturbed.json"  # written by perturb.py
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # CoIN's draw order: postprocessing.py's ALL_PERTURB_METHODS, the attacks run_contrastive_llama.py loops over.
 DRAW_ORDER = ("clean", "deepwordbug", "textfooler", "checklist", "semantic")
 # What CoIN strips off an answer: inference.py's _process_cls_pred literal
@@ -96,7 +95,7 @@ class EvalConfig:
     attack_examples: int = opt(16, "examples scoring a candidate, none of them evaluated", valid=COUNT)
     # Machinery
     batch_size: int = opt(32, "inputs per batch (rank mode: each is one row per label)", valid=COUNT)
-    dtype: str = opt("", "weights (default: bf16 on a GPU, fp32 on a CPU)", choices=("bf16", "fp16", "fp32"))
+    dtype: str = opt("", "weights (default: bf16 on a GPU or bf16 CPU, else fp32)", choices=tuple(DTYPES))
     device: str = opt("", "cuda | cpu (default: cuda when there is a GPU)")
 
 

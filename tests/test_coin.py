@@ -427,7 +427,7 @@ def test_continuing_an_adapter_starts_from_its_weights(tmp_path, stories_dir):
     # the adapter's r wins
     assert all(torch.equal(current[k], saved[k]) for k in saved) and lora["lora_r"] == 16
     cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first),
-                             "--merge-adapter", "--device", "cpu"])
+                             "--merge-adapter", "--device", "cpu", "--dtype", "fp32"])
     merged, _, _ = coin.build_model(cfg, "cpu", torch.float32)
     assert all(not p.any() for n, p in lora_state_dict(merged).items() if "lora_B" in n)  # a fresh LoRA
     plain = load_model(stories_dir)
