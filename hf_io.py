@@ -16,6 +16,7 @@ safetensors, or `torch.load(weights_only=True)` for legacy .bin files.
 Next: read `model_config.py`.
 """
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from files import read_json, write_atomically
+from memory import check_fits
 from model import Llama, LoRALinear, apply_lora, is_lora_target, lora_state_dict
 from model_config import hf_config, read_model_args, sliding_window
+from precision import DTYPE_NAMES
 from tokenizer import TOKENIZER_FILES, JsonTokenizer, read_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -89,10 +92,11 @@ def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
     buffers are ignored (we compute RoPE per forward), and so is a stored lm_head.weight when the config ties
     it to the embedding.
     """
-    path = Path(path)
+    path, started = Path(path), time.perf_counter()
     if path.is_file():
         raise ValueError(f"{path}: a file; give the HF LLaMA directory (config.json, weights, tokenizer)")
     args = check_base(path, max_tokens)
+    check_fits(args, dtype, str(device), path / "config.json")
     with torch.device("meta"):
         model = Llama(args)
     expected = model.state_dict()  # key -> meta tensor: names and shapes only
@@ -119,6 +123,8 @@ def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
         raise ValueError(f"{path}: the checkpoint lacks {missing[0]} ({len(missing)} keys missing); "
                          "is it complete and does it match config.json?")
     model.name_or_path = str(path)
+    print(f"loaded {path}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B weights in "
+          f"{DTYPE_NAMES[dtype]} on {device}, {time.perf_counter() - started:.1f} s")
     return model.eval()
 
 
