@@ -149,12 +149,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     files = sorted(out.iterdir())
-    size = sum(f.stat().st_size for f in files if f.suffix == ".safetensors")
+    shards = [f for f in files if f.suffix == ".safetensors"]
+    size = sum(f.stat().st_size for f in shards)
     merged = f"merged {adapter} into {base}" if adapter else f"re-saved {base}"
-    print(f"{merged}: wrote {out} ({len(files)} files, weights {size / 1e6:.1f} MB in "
-          f"{sum(f.suffix == '.safetensors' for f in files)} shards, {str(dtype)[6:]}) in "
-          f"{time.perf_counter() - start:.1f} s")
-
+    print(f"{merged}: wrote {out} in {time.perf_counter() - start:.1f} s: {len(files)} files, "
+          f"{str(dtype).removeprefix('torch.')} weights of {size / 1e6:.1f} MB in {len(shards)} "
+          f"shard{'s' * (len(shards) > 1)}")
 
 if __name__ == "__main__":
     main()
