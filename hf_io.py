@@ -16,6 +16,7 @@ safetensors, or `torch.load(weights_only=True)` for legacy .bin files.
 Next: read `model_config.py`.
 """
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
                          "is it complete and does it match config.json?")
     model.name_or_path = str(path)
     print(f"loaded {path}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B weights in "
-          f"{DTYPE_NAMES[dtype]} on {device}, {time.perf_counter() - started:.1f} s")
+          f"{DTYPE_NAMES[dtype]} on {device}, {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return model.eval()
 
 

@@ -9,6 +9,7 @@ dtype, so this default changes none of their numbers.
 """
 import os
 import re
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -45,7 +46,7 @@ def resolve_precision(device, dtype):
     if dtype == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         dtype, why = "fp16", "this GPU has no bf16"
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says it
-        print(f"precision: {dtype} on {device} ({why})")
+        print(f"precision: {dtype} on {device} ({why})", file=sys.stderr)  # stdout: the command's output
     return device, DTYPES[dtype]
 
 

@@ -27,9 +27,9 @@ DEMO = str(ROOT / "examples" / "flan_coin_demo.jsonl")
 def test_the_cpu_default_follows_the_bf16_units_and_says_so(monkeypatch, capsys, unit, expected, why):
     monkeypatch.setattr(precision, "cpu_bf16_unit", lambda: unit)
     assert precision.resolve_precision("cpu", None) == ("cpu", expected)
-    assert capsys.readouterr().out == f"precision: {precision.DTYPE_NAMES[expected]} on cpu ({why})\n"
+    assert capsys.readouterr().err == f"precision: {precision.DTYPE_NAMES[expected]} on cpu ({why})\n"
     assert precision.resolve_precision("cpu", "fp32") == ("cpu", torch.float32)  # --dtype wins
-    assert capsys.readouterr().out == "precision: fp32 on cpu (--dtype)\n"
+    assert capsys.readouterr().err == "precision: fp32 on cpu (--dtype)\n"
 
 
 def test_the_bf16_unit_is_what_torch_reports():
