@@ -70,7 +70,8 @@ def parse_args(argv=None):
                    help="N versions of the instruction per perturber, answered with and without the adapter")
     p.add_argument("--batch-size", type=checked(int, COUNT), default=32,
                    help="--robustness prompts per batch")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="weights (default: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="weights (default: bf16 on a GPU or a bf16 CPU, else fp32)")
     p.add_argument("--device", default="", help="cuda | cpu (default: cuda when there is a GPU)")
     return p.parse_args(argv)
 
