@@ -31,7 +31,6 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from data import IGNORE_INDEX
 from distributed import all_sum, finish
 from files import write_atomically
 from hf_io import read_adapter_tensors, save_adapter
@@ -170,20 +169,6 @@ def clear_run(out):
 
 # -----------------------------------------------------------------------------
 # 2. Metrics
-
-
-def step_counts(batches, within_groups, processes=1):
-    """What a process's micro-batches of a step held, as sums that processes can add up: examples, their
-    negatives and hard negatives, supervised, real and padding tokens. With --negatives batch, an anchor's
-    negatives are every other row of the micro-batches the processes run side by side."""
-    partners = torch.cat([torch.bincount(b["group_index"])[b["group_index"]] - 1 for b in batches])  # (N,)
-    sizes = [len(b["ids"]) for b in batches]
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    others = sum(n * (n * processes - 1) for n in sizes)  # each row's, among all rows run side by side
-    return dict(examples=len(partners), hard_negatives=int(partners.sum()),
-                negatives=int(partners.sum()) if within_groups else others,
-                supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                real_tokens=real, padded_tokens=sum(b["computed_tokens"] for b in batches) - real)
 
 
 def open_metrics(out, step):

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import Saves, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
-from checkpoints import step_counts, stop_run
+from checkpoints import stop_run
 from data import IGNORE_INDEX, ContrastiveDataset, collate, epoch_steps, load_examples
-from diagnostics import PROGRESS, SUMMED, cosine_sums, step_record
+from diagnostics import PROGRESS, SUMMED, cosine_sums, step_counts, step_record
 from distributed import World, accumulating, all_sum, finish, gather_rows as gather, shard, start, wrap
 from files import write_atomically
 from flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, comma_list_of, merge_saved, opt
