@@ -19,9 +19,9 @@ failure; evaluate.py stops the same way after its current cell. `--resume` resto
 optimizer, the loss scale and the RNG and skips the steps done: the resumed run equals an uninterrupted one
 bit for bit.
 """
+import io
 import json
 import math
-import os
 import pickle
 import shutil
 import signal
@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from distributed import all_sum, finish
-from files import write_atomically
+from files import fsync, write_atomically
 from hf_io import read_adapter_tensors, save_adapter
 from model import lora_state_dict
 
@@ -51,26 +51,23 @@ def checkpoints(out):
     return sorted(found, key=lambda path: int(path.name[11:]))
 
 
-def fsync(path):
-    """Flush a file, or a folder's list of names, from the page cache to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out, model, optimizer, scaler, cfg, step, skipped):
     """Write out/checkpoint-<step>, check that it reads back, then delete all but the KEEP newest; returns
-    its path."""
+    its path. A failure (a full disk) removes what it wrote: the older ones stay as they were."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, cfg.base)
-    (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    state = io.BytesIO()  # torch.save's own file writer would hide the OSError of a full disk
     torch.save(dict(step=step, skipped=skipped, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    rng=torch.get_rng_state(), cuda_rng=cuda_rng), tmp / "trainer_state.pt")
-    check_written(tmp, model, step)
+                    rng=torch.get_rng_state(), cuda_rng=cuda_rng), state)
+    try:
+        save_adapter(model, tmp, cfg.base)
+        write_atomically(tmp / "config.json", json.dumps(asdict(cfg), indent=2))
+        write_atomically(tmp / "trainer_state.pt", state.getvalue())
+        check_written(tmp, model, step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(final)
     fsync(out)  # the rename itself
     for old in checkpoints(out)[:-KEEP]:
@@ -80,20 +77,16 @@ def save_checkpoint(out, model, optimizer, scaler, cfg, step, skipped):
 
 def check_written(folder, model, step):
     """Flush a new checkpoint to the disk (its files, then its folder), read it back and compare it with the
-    model's LoRA weights; a ValueError, with the folder removed, if it differs: the older ones stay."""
+    model's LoRA weights; a ValueError if it differs (save_checkpoint removes it; the older ones stay)."""
     for path in folder.iterdir():
         fsync(path)
     fsync(folder)
     fix = "so the disk may be full or failing: the older ones are kept; free space or fix it, then --resume"
-    try:
-        tensors, state = read_checkpoint(folder, fix)
-        expected = {key: value.detach().float().cpu() for key, value in lora_state_dict(model).items()}
-        if state["step"] != step or tensors.keys() != expected.keys() or not all(
-                torch.equal(tensors[key], expected[key]) for key in expected):
-            raise ValueError(f"{folder}: reads back other weights than were written, {fix}")
-    except BaseException:
-        shutil.rmtree(folder)
-        raise
+    tensors, state = read_checkpoint(folder, fix)
+    expected = {key: value.detach().float().cpu() for key, value in lora_state_dict(model).items()}
+    if state["step"] != step or tensors.keys() != expected.keys() or not all(
+            torch.equal(tensors[key], expected[key]) for key in expected):
+        raise ValueError(f"{folder}: reads back other weights than were written, {fix}")
 
 
 def read_checkpoint(checkpoint, fix):
