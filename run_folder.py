@@ -107,9 +107,9 @@ def take(folder):
 
 
 def release(lock, folder, made):
-    """Give the folder up. The lock file goes while it is still held, so that no process can lock it in
-    between (take checks that the file it locked is still there); then the folder, if this process made it and
-    left it empty."""
+    """Give the folder up. The lock file goes while still held: a process that opened it meanwhile finds,
+    once it holds it, that it is no longer the folder's, and tries again (take). Then the folder goes, if this
+    process made it and left it empty."""
     Path(lock.name).unlink(missing_ok=True)
     if made:
         with suppress(OSError):
