@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize, save_file
 
 from files import read_json, write_atomically
 from memory import check_fits
@@ -195,8 +195,8 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
     tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous()
                for k, v in lora_state_dict(model).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "adapter_model.safetensors",
-                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(out_dir / "adapter_model.safetensors",  # bytes: save_file would hide a full disk's errno
+                     serialize(tensors, metadata={"format": "pt"}))
     write_atomically(out_dir / "adapter_config.json", json.dumps(config, indent=2))
 
 
