@@ -115,8 +115,9 @@ RESUMABLE = {"max_steps", "epochs", "save_every", "save_every_minutes", "device"
 def parse_config(argv=None):
     """TrainConfig from the command line. With --resume, flags not given take the run's saved config.json."""
     given = parse_flags(TrainConfig, argv, "CoIN training: LoRA with generation + contrastive loss")
-    if given.get("resume"):
-        given = merge_saved(given, Path(given.get("out", TrainConfig.out)) / "config.json", RESUMABLE, PATHS)
+    if given.get("resume"):  # --overwrite is this command's own, not the saved run's (that may have had it)
+        given = dict(merge_saved(given, Path(given.get("out", TrainConfig.out)) / "config.json", RESUMABLE,
+                                 PATHS), overwrite=given.get("overwrite", False))
     given.pop("world_size", None)  # recorded by the run, and free to change on --resume
     return TrainConfig(**given)
 

@@ -435,6 +435,22 @@ def test_continuing_an_adapter_starts_from_its_weights(tmp_path, stories_dir):
     assert not torch.equal(merged.state_dict()[q], plain.state_dict()[q])  # on the merged base
 
 
+def test_a_run_started_with_overwrite_resumes_instead_of_starting_over(tmp_path, stories_dir,
+                                                                       monkeypatch):
+    """--overwrite is the command's, not the run's: `--resume` must not take it from config.json, where it
+    would start the run over and delete its checkpoints (benchmarks/rehearse_7b.py met this at 7B)."""
+    out = tmp_path / "out"
+    coin.main(["--data", DEMO, "--base", str(stories_dir), "--out", str(out), "--dtype", "fp32", "--device",
+               "cpu", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--overwrite"])
+    saved = (out / "checkpoint-000002" / "trainer_state.pt").read_bytes()
+    steps, real_step = [], coin.train_step
+    monkeypatch.setattr(coin, "train_step", lambda *args: steps.append(1) or real_step(*args))
+    coin.main(["--out", str(out), "--resume", "--max-steps", "3"])
+    assert len(steps) == 1  # step 3 alone, from checkpoint 2
+    assert (out / "checkpoint-000002" / "trainer_state.pt").read_bytes() == saved
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_the_tiny_default_builds_its_own_base_and_tokenizer(tmp_path):
     out = tmp_path / "out"
     coin.main(["--data", DEMO, "--tiny", "--out", str(out), "--dtype", "fp32", "--device", "cpu",
