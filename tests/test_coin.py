@@ -448,7 +448,8 @@ def test_a_run_started_with_overwrite_resumes_instead_of_starting_over(tmp_path,
     coin.main(["--out", str(out), "--resume", "--max-steps", "3"])
     assert len(steps) == 1  # step 3 alone, from checkpoint 2
     assert (out / "checkpoint-000002" / "trainer_state.pt").read_bytes() == saved
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3]
 
 
 def test_the_tiny_default_builds_its_own_base_and_tokenizer(tmp_path):
