@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize, save_file
 
 from files import read_json, write_atomically
-from memory import check_fits
+from memory import check_fits, return_freed_memory
 from model import Llama, LoRALinear, apply_lora, is_lora_target, lora_state_dict
 from model_config import hf_config, read_model_args, sliding_window
 from precision import DTYPE_NAMES
@@ -98,6 +98,7 @@ def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
         raise ValueError(f"{path}: a file; give the HF LLaMA directory (config.json, weights, tokenizer)")
     args = check_base(path, max_tokens)
     check_fits(args, dtype, str(device), path / "config.json")
+    return_freed_memory(str(device))  # before the weights: the loaded shards' buffers go back too
     with torch.device("meta"):
         model = Llama(args)
     expected = model.state_dict()  # key -> meta tensor: names and shapes only

@@ -179,9 +179,10 @@ def memory_of(pid, gpu):
     return kib
 
 
-def run(command, log, gpu=False, on_line=None):
-    """Run `python command...` from the repository root; returns wall seconds, exit status, the output lines
-    with their times, and the peak of each memory_of() field, sampled every 0.1 s."""
+def run(command, log, gpu=False, on_start=None):
+    """Run `python command...` from the repository root (on_start(process) once it started); returns wall
+    seconds, exit status, the output lines with their times, and the peak of each memory_of() field, sampled
+    every 0.1 s."""
     started, peaks, done = time.perf_counter(), {}, threading.Event()
     process = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -196,14 +197,14 @@ def run(command, log, gpu=False, on_line=None):
             done.wait(0.1)
 
     threading.Thread(target=sample, daemon=True).start()
+    if on_start:
+        on_start(process)
     log.write(f"$ python {' '.join(command)}\n")
     lines = []
     for line in output_lines(process.stdout):
         lines.append((time.perf_counter() - started, line))
         log.write(line + "\n")
         log.flush()
-        if on_line:
-            on_line(process, line)
     status = process.wait()
     done.set()
     return dict(started=started, seconds=time.perf_counter() - started, status=status, lines=lines,
@@ -248,14 +249,19 @@ def matmul_peak(device):
 # 3. The rehearsal: the README's commands, one process each
 
 
-def sigterm_during_step_2(times):
-    """An on_line hook: SIGTERM a coin.py process as soon as its progress bar shows step 1 done, which tqdm
-    prints as step 2 begins: the worst case, a whole step to finish before the save (times: when sent)."""
-    def on_line(process, line):
-        if not times and re.search(r"\| 1/\d+ \[", line):
+def sigterm_during_step_2(out, times):
+    """A thread that SIGTERMs a coin.py process as soon as its out/metrics.jsonl holds step 1 (written when
+    the step ends; 0.2 s later the process is inside step 2): the worst case, a whole step to finish before
+    the save. times: [when it was sent]. The progress bar cannot tell: tqdm may print a step's end late."""
+    def watch(process):
+        metrics = out / "metrics.jsonl"
+        while process.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        time.sleep(0.2)
+        if process.poll() is None:
             times.append(time.perf_counter())
             process.send_signal(signal.SIGTERM)
-    return on_line
+    return lambda process: threading.Thread(target=watch, args=(process,), daemon=True).start()
 
 
 def met(ok):
@@ -337,7 +343,8 @@ def rehearse(opts, work, log):
              "--out", str(out), "--batch-size", str(opts.batch_size),
              "--micro-batch-size", str(opts.batch_size),
              "--max-steps", str(opts.steps), "--device", opts.device]
-    result = run(train + ["--overwrite"], log, gpu, sigterm_during_step_2(times))
+    out.joinpath("metrics.jsonl").unlink(missing_ok=True)  # the watch reads this run's
+    result = run(train + ["--overwrite"], log, gpu, sigterm_during_step_2(out, times))
     resumed = run(train + ["--resume"], log, gpu)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows += train_rows(result, resumed, times[0] if times else None, steps, args, peak_flops)
