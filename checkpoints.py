@@ -7,9 +7,12 @@ A support module, read after coin.py's training loop. --out holds:
                           then renamed into place, so a crash or a full disk leaves the older ones intact.
                           The two newest are kept: if the newest is damaged, --resume takes the one before
     metrics.jsonl         one line per optimizer step; on resume, lines after the checkpoint are dropped, and
-                          so is a half-written last line (the run was killed while appending it)
-    config.json           the run's settings (coin.py writes it); --resume reads them back
-    adapter_*             the finished run's adapter, for evaluate.py and peft
+                          so is a half-written last line (a kill or a full disk while it was appended)
+    config.json           the run's settings (coin.py writes it); --resume reads them back. Its paths (PATHS)
+                          inside --out are relative (run_folder.py), so the folder may move
+    adapter_*             the finished run's adapter, for evaluate.py and peft, written after the last
+                          checkpoint; adapter_config.json last, so that a kill leaves no pair that loads
+    .lock                 while a process works in it (run_folder.claim): a second one is refused
 
 A checkpoint is written every --save-every steps, --save-every-minutes after the last one, after the last
 step, and when a signal asks the run to stop: SIGINT (Ctrl-C), SIGTERM (what SLURM, Kubernetes and spot
@@ -17,11 +20,12 @@ instances send before they kill) or SIGUSR1 (what SLURM's --signal sends ahead o
 step, saves, and exits with status STOPPED (75), so a job script can tell "saved, run me again" from a
 failure; evaluate.py stops the same way after its current cell. `--resume` restores the weights, the
 optimizer, the loss scale and the RNG and skips the steps done: the resumed run equals an uninterrupted one
-bit for bit.
+bit for bit. A write that finds no room exits with 74 instead (run_folder.IOERR), its temporaries removed;
+a kill leaves some, which the next run removes (LEFTOVERS).
 """
+import io
 import json
 import math
-import os
 import pickle
 import shutil
 import signal
@@ -31,16 +35,19 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from data import IGNORE_INDEX
 from distributed import all_sum, finish
-from files import write_atomically
+from files import fsync, naming, write_atomically
 from hf_io import read_adapter_tensors, save_adapter
 from model import lora_state_dict
+from run_folder import stored
 
 KEEP = 2  # checkpoints kept: a damaged newest one costs the steps since the one before, not the run
 STOPPED = 75  # the exit status of a run saved and stopped by a signal: sysexits.h's EX_TEMPFAIL, "try again"
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 ECHO_SECONDS = 1.0  # a signal repeated sooner is one signal delivered twice (StopOnSignal says why)
+PATHS = ("data", "base", "adapter", "out")  # coin.py's settings that name files: stored as run_folder.py says
+# What a write that a kill cut short leaves: save_checkpoint's folder, files.write_atomically's temporaries.
+LEFTOVERS = (".checkpoint-*.tmp", "adapter_*.tmp", "config.json.*.tmp", "metrics.jsonl.*.tmp")
 
 # -----------------------------------------------------------------------------
 # 1. Checkpoints
@@ -52,26 +59,32 @@ def checkpoints(out):
     return sorted(found, key=lambda path: int(path.name[11:]))
 
 
-def fsync(path):
-    """Flush a file, or a folder's list of names, from the page cache to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def save_config(folder, cfg, **extra):
+    """Write folder/config.json (the run's, in --out, or a checkpoint's): cfg's settings and `extra`, with the
+    PATHS inside the run folder, cfg.out, relative to `folder`: the run folder may move (run_folder.py)."""
+    settings = dict(asdict(cfg), **extra)
+    for key in PATHS:
+        settings[key] = stored(settings[key], folder, cfg.out)
+    write_atomically(folder / "config.json", json.dumps(settings, indent=2))
 
 
 def save_checkpoint(out, model, optimizer, scaler, cfg, step, skipped):
     """Write out/checkpoint-<step>, check that it reads back, then delete all but the KEEP newest; returns
-    its path."""
+    its path. A failure (a full disk) removes what it wrote: the older ones stay as they were."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, cfg.base)
-    (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    state = io.BytesIO()  # torch.save's own file writer would hide the OSError of a full disk
     torch.save(dict(step=step, skipped=skipped, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    rng=torch.get_rng_state(), cuda_rng=cuda_rng), tmp / "trainer_state.pt")
-    check_written(tmp, model, step)
+                    rng=torch.get_rng_state(), cuda_rng=cuda_rng), state)
+    try:
+        save_adapter(model, tmp, stored(cfg.base, tmp, cfg.out))
+        save_config(tmp, cfg)
+        write_atomically(tmp / "trainer_state.pt", state.getvalue())
+        check_written(tmp, model, step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(final)
     fsync(out)  # the rename itself
     for old in checkpoints(out)[:-KEEP]:
@@ -81,20 +94,29 @@ def save_checkpoint(out, model, optimizer, scaler, cfg, step, skipped):
 
 def check_written(folder, model, step):
     """Flush a new checkpoint to the disk (its files, then its folder), read it back and compare it with the
-    model's LoRA weights; a ValueError, with the folder removed, if it differs: the older ones stay."""
+    model's LoRA weights; a ValueError if it differs (save_checkpoint removes it; the older ones stay)."""
     for path in folder.iterdir():
         fsync(path)
     fsync(folder)
     fix = "so the disk may be full or failing: the older ones are kept; free space or fix it, then --resume"
-    try:
-        tensors, state = read_checkpoint(folder, fix)
-        expected = {key: value.detach().float().cpu() for key, value in lora_state_dict(model).items()}
-        if state["step"] != step or tensors.keys() != expected.keys() or not all(
-                torch.equal(tensors[key], expected[key]) for key in expected):
-            raise ValueError(f"{folder}: reads back other weights than were written, {fix}")
-    except BaseException:
-        shutil.rmtree(folder)
-        raise
+    tensors, state = read_checkpoint(folder, fix)
+    expected = {key: value.detach().float().cpu() for key, value in lora_state_dict(model).items()}
+    if state["step"] != step or tensors.keys() != expected.keys() or not all(
+            torch.equal(tensors[key], expected[key]) for key in expected):
+        raise ValueError(f"{folder}: reads back other weights than were written, {fix}")
+
+
+def save_final(out, model, cfg):
+    """Write the finished run's adapter into --out itself, a peft adapter folder, after the last checkpoint.
+
+    Two files cannot be renamed into place at once, so adapter_config.json, which every loader (load_adapter,
+    peft) reads first, marks the pair as whole: it is removed first and written last. A kill in between leaves
+    no pair that loads, and find_run sees a started run: --resume restores the last checkpoint (the last
+    step's) and writes the adapter again."""
+    (out / "adapter_config.json").unlink(missing_ok=True)
+    save_adapter(model, out, stored(cfg.base, out, cfg.out))  # the tensors, then the config: each atomically
+    for path in (out / "adapter_model.safetensors", out / "adapter_config.json", out):
+        fsync(path)
 
 
 def read_checkpoint(checkpoint, fix):
@@ -148,10 +170,8 @@ def restore_checkpoint(checkpoint, model, optimizer, scaler, main=True):
 def find_run(out, resume, overwrite):
     """The newest checkpoint to resume from (or None);
     refuses to touch a run in `out` unless --resume or --overwrite."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a directory; give a directory for the run")
     found = checkpoints(out)
-    finished = (out / "adapter_model.safetensors").exists()
+    finished = (out / "adapter_config.json").exists()  # written last (save_final)
     if (found or finished) and not (resume or overwrite):
         raise ValueError(f"{out} already holds a {'finished' if finished else 'started'} run; "
                          "pass --resume to continue it or --overwrite to start over")
@@ -160,37 +180,23 @@ def find_run(out, resume, overwrite):
     return found[-1] if resume and found and not overwrite else None
 
 
-def clear_run(out):
-    """--overwrite: remove what an earlier run wrote to `out` (only coin's own files)."""
-    for path in out.glob("checkpoint-*"):
-        shutil.rmtree(path)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl"):
-        (out / name).unlink(missing_ok=True)
+def clear_run(out, overwrite):
+    """Remove the temporaries of writes that a kill cut short and, with --overwrite, what an earlier run wrote
+    to `out`: coin's own files alone. Safe: this process holds the folder (run_folder.claim)."""
+    patterns = LEFTOVERS + (("checkpoint-*", "adapter_*", "metrics.jsonl") if overwrite else ())
+    for path in [path for pattern in patterns for path in out.glob(pattern)]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 # -----------------------------------------------------------------------------
 # 2. Metrics
 
 
-def step_counts(batches, within_groups, processes=1):
-    """What a process's micro-batches of a step held, as sums that processes can add up: examples, their
-    negatives and hard negatives, supervised, real and padding tokens. With --negatives batch, an anchor's
-    negatives are every other row of the micro-batches the processes run side by side."""
-    partners = torch.cat([torch.bincount(b["group_index"])[b["group_index"]] - 1 for b in batches])  # (N,)
-    sizes = [len(b["ids"]) for b in batches]
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    others = sum(n * (n * processes - 1) for n in sizes)  # each row's, among all rows run side by side
-    return dict(examples=len(partners), hard_negatives=int(partners.sum()),
-                negatives=int(partners.sum()) if within_groups else others,
-                supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
-                real_tokens=real, padded_tokens=sum(b["computed_tokens"] for b in batches) - real)
-
-
 def open_metrics(out, step):
-    """out/metrics.jsonl for appending, without the lines a killed run logged after its last checkpoint.
+    """The path of out/metrics.jsonl, rid of the lines a killed run logged after its last checkpoint.
 
-    A last line cut short (no newline, not JSON: the run was killed while appending it) is dropped with a
-    note; any other line that is not a metrics record is a ValueError naming path:line."""
+    A last line cut short (no newline, not JSON: a kill or a full disk while it was appended) is dropped with
+    a note; any other line that is not a metrics record is a ValueError naming path:line."""
     path = out / "metrics.jsonl"
     text = path.read_text(errors="replace") if path.exists() else ""
     lines, kept = text.splitlines(), []
@@ -199,14 +205,23 @@ def open_metrics(out, step):
             logged = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError) as e:
             if lineno == len(lines) and not text.endswith("\n"):
-                print(f"{path}:{lineno}: dropped a half-written last line (a kill while it was written)")
+                print(f"{path}:{lineno}: dropped a half-written last line (a kill or a full disk while it "
+                      "was written)")
                 break
             raise ValueError(f"{path}:{lineno}: not a metrics line ({e}); delete the line, or start over "
                              "with --overwrite") from None
         if logged <= step:
             kept.append(line)
     write_atomically(path, "".join(line + "\n" for line in kept))
-    return open(path, "a")
+    return path
+
+
+def log_metrics(path, record):
+    """Append a step's record to metrics.jsonl at `path` (None: a process that logs nothing) and close it, so
+    that a kill loses no logged step. An OSError (a full disk) names the file."""
+    if path:
+        with naming(path), open(path, "a") as metrics:
+            metrics.write(json.dumps(record) + "\n")
 
 
 # -----------------------------------------------------------------------------

@@ -26,29 +26,27 @@ Shape legend: B examples per micro-batch (2B rows), T tokens, D model dim, V voc
 Next: read `perturb.py`.
 """
 import itertools
-import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import Saves, clear_run, find_run, open_metrics, restore_checkpoint, save_checkpoint
-from checkpoints import step_counts, stop_run
+from checkpoints import PATHS, Saves, clear_run, find_run, log_metrics, open_metrics, restore_checkpoint
+from checkpoints import save_checkpoint, save_config, save_final, stop_run
 from data import IGNORE_INDEX, ContrastiveDataset, collate, epoch_steps, load_examples
-from diagnostics import PROGRESS, SUMMED, cosine_sums, step_record
+from diagnostics import PROGRESS, SUMMED, cosine_sums, step_counts, step_record
 from distributed import World, accumulating, all_sum, finish, gather_rows as gather, shard, start, wrap
-from files import write_atomically
 from flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, comma_list_of, merge_saved, opt
 from flags import parse_flags, up_to
-from hf_io import load_adapter, load_model, load_tokenizer, save_adapter
+from hf_io import load_adapter, load_model, load_tokenizer
 from memory import training_summary
 from model import LINEARS, POOLING, apply_lora, bucketed_hidden_states, merge_lora, pool
-from precision import autocast, resolve_precision
+from precision import DTYPES, autocast, resolve_precision
+from run_folder import claim
 from tiny_base import build_tiny_base, install_tiny_base
 
 # -----------------------------------------------------------------------------
@@ -98,8 +96,8 @@ class TrainConfig:
     pooling: str = opt("last", "the state InfoNCE compares: last, the last answer token (CoIN); mean or max "
                                "over each row's real tokens (CoIN's footnote 2)", choices=POOLING)
     # Machinery
-    dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU, fp32 on a CPU; "
-                                  "fp16 adds a GradScaler)", choices=("bf16", "fp16", "fp32"))
+    dtype: str | None = opt(None, "base weights and autocast (default: bf16 on a GPU or a CPU with bf16 "
+                                  "units, else fp32; fp16 adds a GradScaler)", choices=tuple(DTYPES))
     device: str | None = opt(None, "cuda | cpu (default: cuda when there is a GPU)")
     grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of keeping activations")
     save_every: int = opt(100, "checkpoint every N optimizer steps (and at the end)", valid=COUNT)
@@ -112,14 +110,14 @@ class TrainConfig:
 
 # The flags that may change on --resume; the others must equal the run's config.json.
 RESUMABLE = {"max_steps", "epochs", "save_every", "save_every_minutes", "device", "resume", "overwrite"}
-PATHS = ("data", "base", "adapter", "out")  # saved as absolute paths, so a run resumes from any directory
 
 
 def parse_config(argv=None):
     """TrainConfig from the command line. With --resume, flags not given take the run's saved config.json."""
     given = parse_flags(TrainConfig, argv, "CoIN training: LoRA with generation + contrastive loss")
-    if given.get("resume"):
-        given = merge_saved(given, Path(given.get("out", TrainConfig.out)) / "config.json", RESUMABLE, PATHS)
+    if given.get("resume"):  # --overwrite is this command's own, not the saved run's (that may have had it)
+        given = dict(merge_saved(given, Path(given.get("out", TrainConfig.out)) / "config.json", RESUMABLE,
+                                 PATHS), overwrite=given.get("overwrite", False))
     given.pop("world_size", None)  # recorded by the run, and free to change on --resume
     return TrainConfig(**given)
 
@@ -287,11 +285,10 @@ def check_flags(cfg):
     return world, device, dtype
 
 
-def set_up(cfg):
+def set_up(cfg, world, device, dtype):
     """(run, checkpoint to resume or None). Everything that can be wrong with the input (flags, data, base,
     adapter) is checked before anything in --out is written or removed; --tiny's base is built aside first."""
     out = Path(cfg.out)
-    world, device, dtype = check_flags(cfg)
     examples, problems = load_examples(cfg.data, skip_bad=cfg.skip_bad)
     if problems:
         print(f"{cfg.data}: skipped {len(problems)} bad lines (--skip-bad); first: {problems[0]}")
@@ -309,8 +306,8 @@ def set_up(cfg):
           f"answer token within --cutoff {cfg.cutoff} and {dataset.orphans} left without a group partner")
     if not dataset.groups:
         raise ValueError(f"{cfg.data}: no group left to train on; raise --cutoff or use --truncation middle")
-    if cfg.overwrite and world.main:
-        clear_run(out)
+    if world.main:
+        clear_run(out, cfg.overwrite)
     if scratch and world.main:
         cfg = replace(cfg, base=str(install_tiny_base(scratch, out / "base")))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -361,45 +358,47 @@ def train_step(run, batches, step_groups, lr):
 
 
 def train(cfg):
-    """Train a CoIN LoRA adapter as `cfg` says; returns the output directory (a signal: SystemExit(75))."""
-    run, checkpoint = set_up(cfg)
-    cfg, out, model, world = run.cfg, Path(run.cfg.out), run.model, run.world
-    state = restore_checkpoint(checkpoint, model, run.optimizer, run.scaler, world.main) if checkpoint else {}
-    step, skipped = state.get("step", 0), state.get("skipped", 0)
-    total_steps = count_steps(run.dataset, cfg)
-    warmup_steps = int(len(run.dataset) / cfg.batch_size * cfg.warmup_ratio)  # the official count
-    if world.main:  # the other processes print nothing and write nothing (distributed.py)
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "config.json", json.dumps(dict(asdict(cfg), world_size=world.size), indent=2))
-    print(training_summary(model, 2 * cfg.micro_batch_size, cfg.cutoff, cfg.grad_checkpointing,
-                           cfg.lora_targets.split(","), cfg.lora_r))
-    windows = (step for epoch in itertools.count() for step in steps_of_epoch(run.dataset, cfg, epoch))
-    bar = tqdm(itertools.islice(windows, step, total_steps), total=total_steps, initial=step, desc="coin",
-               dynamic_ncols=True, disable=not world.main)
-    metrics = open_metrics(out, step) if world.main else open(os.devnull, "w")
-    saves, started = Saves(cfg.save_every, cfg.save_every_minutes, world), time.perf_counter()
-    with metrics, saves:  # saves: the signal handlers, until the adapter is written
-        for window in bar:
-            try:
-                lr = learning_rate(step, total_steps, cfg.lr, warmup_steps)
-                record = train_step(run, *step_batches(run, window), lr)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"step {step + 1}: {e}; stopped, the last good checkpoint is kept "
-                                         f"in {out}") from None
-            step, skipped = step + 1, skipped + record.pop("skipped")
-            metrics.write(json.dumps(dict(step=step, **record, skipped_steps=skipped)) + "\n")
-            metrics.flush()
-            bar.set_postfix({name: f"{record[key]:.3g}" for name, key in PROGRESS.items()})
-            if step == 1 and run.device.startswith("cuda"):
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                bar.write(f"measured peak GPU memory after step 1: {peak:.2f} GiB")
-            save, stopping = saves.after(step, total_steps)  # alike in all processes
-            if world.main and save:
-                save_checkpoint(out, model, run.optimizer, run.scaler, cfg, step, skipped)
-            if stopping:
-                raise stop_run(saves.received, world, f"saved step {step} in {out}")
-        if world.main:
-            save_adapter(model, out, cfg.base)  # the finished run: out/ itself is a peft adapter directory
+    """Train a CoIN LoRA adapter as `cfg` says; returns the output directory (a signal: SystemExit(75); a full
+    disk: SystemExit(74), run_folder.py)."""
+    world, device, dtype = check_flags(cfg)
+    with claim(cfg.out, world.main, "the checkpoints written before it are kept"):  # one process per --out
+        run, checkpoint = set_up(cfg, world, device, dtype)
+        cfg, out, model = run.cfg, Path(run.cfg.out), run.model
+        state = (restore_checkpoint(checkpoint, model, run.optimizer, run.scaler, world.main) if checkpoint
+                 else {})
+        step, skipped = state.get("step", 0), state.get("skipped", 0)
+        total_steps = count_steps(run.dataset, cfg)
+        warmup_steps = int(len(run.dataset) / cfg.batch_size * cfg.warmup_ratio)  # the official count
+        if world.main:  # the other processes print nothing and write nothing (distributed.py)
+            save_config(out, cfg, world_size=world.size)
+        print(training_summary(model, 2 * cfg.micro_batch_size, cfg.cutoff, cfg.grad_checkpointing,
+                               cfg.lora_targets.split(","), cfg.lora_r))
+        windows = (step for epoch in itertools.count() for step in steps_of_epoch(run.dataset, cfg, epoch))
+        bar = tqdm(itertools.islice(windows, step, total_steps), total=total_steps, initial=step, desc="coin",
+                   dynamic_ncols=True, disable=not world.main)
+        metrics = open_metrics(out, step) if world.main else None
+        saves, started = Saves(cfg.save_every, cfg.save_every_minutes, world), time.perf_counter()
+        with saves:  # the signal handlers, until the adapter is written
+            for window in bar:
+                try:
+                    lr = learning_rate(step, total_steps, cfg.lr, warmup_steps)
+                    record = train_step(run, *step_batches(run, window), lr)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"step {step + 1}: {e}; stopped, the last good checkpoint is "
+                                             f"kept in {out}") from None
+                step, skipped = step + 1, skipped + record.pop("skipped")
+                log_metrics(metrics, dict(step=step, **record, skipped_steps=skipped))
+                bar.set_postfix({name: f"{record[key]:.3g}" for name, key in PROGRESS.items()})
+                if step == 1 and run.device.startswith("cuda"):
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                    bar.write(f"measured peak GPU memory after step 1: {peak:.2f} GiB")
+                save, stopping = saves.after(step, total_steps)  # alike in all processes
+                if world.main and save:
+                    save_checkpoint(out, model, run.optimizer, run.scaler, cfg, step, skipped)
+                if stopping:
+                    raise stop_run(saves.received, world, f"saved step {step} in {out}")
+            if world.main:
+                save_final(out, model, cfg)  # the finished run: out/ itself is a peft adapter directory
     print(f"done: steps {total_steps}, {time.perf_counter() - started:.0f} s, skipped (fp16 overflow) "
           f"{skipped}; the adapter is in {out}")
     return finish(world, out)

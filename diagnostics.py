@@ -22,6 +22,7 @@ from statistics import mean
 
 import torch
 
+from data import IGNORE_INDEX
 from files import read_jsonl
 from plots import save_training_plot
 
@@ -44,9 +45,23 @@ def cosine_sums(sim_ab, sim_ba, labels, temperature):
                 cos_negative=hardest.sum().item() / 2)
 
 
+def step_counts(batches, within_groups, processes=1):
+    """What a process's micro-batches of a step held, as sums that processes can add up: examples, their
+    negatives and hard negatives, supervised, real and padding tokens. With --negatives batch, an anchor's
+    negatives are every other row of the micro-batches the processes run side by side."""
+    partners = torch.cat([torch.bincount(b["group_index"])[b["group_index"]] - 1 for b in batches])  # (N,)
+    sizes = [len(b["ids"]) for b in batches]
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    others = sum(n * (n * processes - 1) for n in sizes)  # each row's, among all rows run side by side
+    return dict(examples=len(partners), hard_negatives=int(partners.sum()),
+                negatives=int(partners.sum()) if within_groups else others,
+                supervised_tokens=sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+                real_tokens=real, padded_tokens=sum(b["computed_tokens"] for b in batches) - real)
+
+
 def step_record(totals, step_groups, world_size, seconds, **extra):
     """metrics.jsonl's line for one step from `totals`, the step's sums over its micro-batches and processes
-    (SUMMED and checkpoints.step_counts): losses and weights per group, cosines per example, the shares."""
+    (SUMMED and step_counts): losses and weights per group, cosines per example, the shares."""
     examples = totals["examples"]
     record = {key: totals.pop(key) / step_groups for key in ("loss", "gen", "ctr", "weight")}
     positive, negative = (totals.pop(key) / examples for key in ("cos_positive", "cos_negative"))

@@ -51,14 +51,14 @@ from flags import COUNT, SEED, choose, comma_list_of, opt, parse_flags, up_to
 from glue import ANSWERS, LABELS, MNLI_PARTS, TASKS, is_instruction_table, load_task
 from hf_io import load_adapter, load_model, load_tokenizer
 from model import generate, prefill
-from precision import DTYPES, resolve_precision
+from precision import DTYPE_NAMES, DTYPES, resolve_precision
 from report import hidden_report, render_tables, summarize
+from run_folder import claim, run_base
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "perturbed.json"  # written by perturb.py
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # CoIN's draw order: postprocessing.py's ALL_PERTURB_METHODS, the attacks run_contrastive_llama.py loops over.
 DRAW_ORDER = ("clean", "deepwordbug", "textfooler", "checklist", "semantic")
 # What CoIN strips off an answer: inference.py's _process_cls_pred literal
@@ -96,7 +96,7 @@ class EvalConfig:
     attack_examples: int = opt(16, "examples scoring a candidate, none of them evaluated", valid=COUNT)
     # Machinery
     batch_size: int = opt(32, "inputs per batch (rank mode: each is one row per label)", valid=COUNT)
-    dtype: str = opt("", "weights (default: bf16 on a GPU, fp32 on a CPU)", choices=("bf16", "fp16", "fp32"))
+    dtype: str = opt("", "weights (default: bf16 on a GPU or bf16 CPU, else fp32)", choices=tuple(DTYPES))
     device: str = opt("", "cuda | cpu (default: cuda when there is a GPU)")
 
 
@@ -312,15 +312,15 @@ def evaluate(model, tokenizer, data, samples, cells, cfg, out_dir, protocol, wor
     old_cells, records = previous_cells(out_dir, protocol, cells, samples) if cfg.resume else ({}, {})
     all_cells, todo = {**old_cells, **cells}, [key for key in cells if key not in records]
     total = sum(len(samples[cells[k][0]][cells[k][1]]) for k in todo[world.rank::world.size])
-    bar = tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr, disable=not world.main)
-    for first in until_signal(range(0, len(todo), world.size), world, f"the cells done are in {out_dir}"):
-        mine = todo[first:first + world.size][world.rank:world.rank + 1]  # none in a short last round
-        new = {k: cell_records(model, tokenizer, data, samples, cells[k], cfg, bar.update) for k in mine}
-        for part in gather_objects(new, world):
-            records.update(part)
-        if world.main:  # after every round: a crash loses one round at most
-            write_outputs(out_dir, all_cells, records, protocol)
-    bar.close()
+    rounds = until_signal(range(0, len(todo), world.size), world, f"the cells done are in {out_dir}")
+    with tqdm(total=total, unit="ex", desc="evaluate", file=sys.stderr, disable=not world.main) as bar:
+        for first in rounds:  # the bar is closed before an error's line, not printed again after it
+            mine = todo[first:first + world.size][world.rank:world.rank + 1]  # none in a short last round
+            new = {k: cell_records(model, tokenizer, data, samples, cells[k], cfg, bar.update) for k in mine}
+            for part in gather_objects(new, world):
+                records.update(part)
+            if world.main:  # after every round: a crash loses one round at most
+                write_outputs(out_dir, all_cells, records, protocol)
     return write_outputs(out_dir, all_cells, records, protocol, world.main)
 
 
@@ -348,7 +348,7 @@ def resolve_paths(cfg):
         name = Path(cfg.adapter or cfg.base).resolve().name
         out_dir = Path(cfg.out or f"runs/eval-{name}/{leaf}")
         return Path(cfg.base), Path(cfg.adapter) if cfg.adapter else None, out_dir
-    ckpt, config = Path(cfg.ckpt), Path(cfg.ckpt) / "config.json"
+    ckpt = Path(cfg.ckpt)
     if cfg.adapter:
         raise ValueError("give --ckpt or --adapter, not both: a checkpoint's adapter is the one inside it")
     if not ckpt.is_dir():
@@ -359,12 +359,8 @@ def resolve_paths(cfg):
     if lacking:
         raise ValueError(f"{ckpt}: no adapter here (it lacks {' and '.join(lacking)}); "
                          "pass coin.py's output dir")
-    if not cfg.base and not config.is_file():
-        raise FileNotFoundError(f"{config}: not found; it names the base model (or pass --base)")
-    base = cfg.base or read_json(config).get("base")
-    if not base:
-        raise ValueError(f"{config}: no 'base' entry naming the base model; pass --base")
-    return Path(base), ckpt, Path(cfg.out) if cfg.out else ckpt / leaf
+    base = Path(cfg.base) if cfg.base else run_base(ckpt)  # the base coin.py trained on, wherever ckpt is now
+    return base, ckpt, Path(cfg.out) if cfg.out else ckpt / leaf
 
 
 @dataclass(frozen=True)
@@ -384,8 +380,6 @@ class Run:
 def check_flags(cfg):
     """A Run, or a ValueError naming the flag at fault: nothing is loaded or written before this passes."""
     base, adapter, out_dir = resolve_paths(cfg)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: a file, not a results directory; give --out a directory")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     world, device = start_world(device)
     if (cfg.hidden_report or cfg.attack) and world.size > 1:
@@ -414,31 +408,33 @@ def main(argv=None):
                                    "GLUE robustness evaluation under perturbed instructions"))
     try:
         run = check_flags(cfg)
-        data = {task: load_task(task, cfg.glue_dir) for task in run.tasks}
-        model, tokenizer = load_model(run.base, run.dtype, run.device), load_tokenizer(run.base)
-        if run.adapter:
-            load_adapter(model, run.adapter)
-        sizes = {task: len(data[task]) for task in run.tasks}
-        # All groups are drawn, in CoIN's order, whatever --groups picks: a subset sees a full run's examples.
-        groups = list(dict.fromkeys(DRAW_ORDER + tuple(run.prompt_set)))
-        samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, groups, cfg, save=not cfg.attack)
-        cells = plan_cells(run.prompt_set, run.tasks, run.groups)
-        if cfg.hidden_report:  # every group on clean's examples: example i pairs with clean's example i
-            task, texts = run.tasks[0], defaultdict(list)  # group -> its inputs, prompt-major (by cell order)
-            examples = [data[task][i] for i in samples[task]["clean"]]
-            for _, group, _, instruction in cells.values():
-                texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
-            hidden_report(model, tokenizer, task, dict(texts), len(examples), cfg.batch_size, run.out_dir)
-            return
-        if cfg.attack:  # each task's attack set: examples that neither clean nor the attacks are scored on
-            kinds = cfg.attack.split(",")
-            clean = {t: instructions(run.prompt_set, "clean", t) for t in run.tasks}
-            sets = {t: attack_set(data[t], samples[t], kinds, cfg.attack_examples, cfg.seed)
-                    for t in run.tasks}  # all checked before the first search starts
-            return run_attacks(kinds, clean, lambda t: margin_scorer(model, tokenizer, t, sets[t], cfg),
-                               run.out_dir, cfg.attack_budget, cfg.seed)
-        results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir, protocol_of(cfg, run),
-                           run.world)
+        with claim(run.out_dir, run.world.main, "the results written before it are kept"):  # one process
+            data = {task: load_task(task, cfg.glue_dir) for task in run.tasks}
+            model, tokenizer = load_model(run.base, run.dtype, run.device), load_tokenizer(run.base)
+            if run.adapter:
+                load_adapter(model, run.adapter)
+            sizes = {task: len(data[task]) for task in run.tasks}
+            # All groups are drawn in CoIN's order, whatever --groups picks: a subset sees a full run's draws.
+            groups = list(dict.fromkeys(DRAW_ORDER + tuple(run.prompt_set)))
+            samples = load_or_draw_samples(run.out_dir / "samples.json", sizes, groups, cfg,
+                                           save=not cfg.attack)
+            cells = plan_cells(run.prompt_set, run.tasks, run.groups)
+            if cfg.hidden_report:  # every group on clean's examples: example i pairs with clean's example i
+                task, texts = run.tasks[0], defaultdict(list)  # group -> its inputs, prompt-major
+                examples = [data[task][i] for i in samples[task]["clean"]]
+                for _, group, _, instruction in cells.values():
+                    texts[group] += [build_input(instruction, ex["content"], cfg.format) for ex in examples]
+                hidden_report(model, tokenizer, task, dict(texts), len(examples), cfg.batch_size, run.out_dir)
+                return
+            if cfg.attack:  # each task's attack set: examples that clean and the attacks are not scored on
+                kinds = cfg.attack.split(",")
+                clean = {t: instructions(run.prompt_set, "clean", t) for t in run.tasks}
+                sets = {t: attack_set(data[t], samples[t], kinds, cfg.attack_examples, cfg.seed)
+                        for t in run.tasks}  # all checked before the first search starts
+                return run_attacks(kinds, clean, lambda t: margin_scorer(model, tokenizer, t, sets[t], cfg),
+                                   run.out_dir, cfg.attack_budget, cfg.seed)
+            results = evaluate(model, tokenizer, data, samples, cells, cfg, run.out_dir,
+                               protocol_of(cfg, run), run.world)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(render_tables(results, per_prompt=False))

@@ -1,10 +1,13 @@
-"""files.py: the file habits the coin scripts share, in one place: atomic writes, JSONL with line numbers,
-and reading a literal out of a Python file without running it.
+"""files.py: the file habits the coin scripts share, in one place: atomic writes, flushing to the disk, errors
+that name their file, JSONL with line numbers, and reading a literal out of a Python file without running it.
 
 A support module, torch-free so that perturb.py can use it too. Read it when a script first writes a file.
 
 - `write_atomically`: a crash, a Ctrl-C or a full disk leaves the old file or the new one, never half of one,
-  so a checkpoint, a results file or a training file can always be read back.
+  so a checkpoint, a results file or a training file can always be read back. `fsync` flushes a file or a
+  folder's list of names to the disk.
+- `naming`: the OSError of a write or a flush (a full disk: SPACE) names no file; inside `naming(path)` it
+  names `path`, so that run_folder.py can say which file found no room.
 - `read_text`, `read_json`, `read_jsonl`: what users hand us is read one way: UTF-8 with or without a
   byte-order mark, LF or CRLF; anything else, and every bad line, is an error that says "path:line: reason and
   fix". read_jsonl yields every non-blank line with its line number.
@@ -12,25 +15,54 @@ A support module, torch-free so that perturb.py can use it too. Read it when a s
   config.py) is parsed with ast and never imported: the rest of such a file may be any code at all.
 """
 import ast
+import errno
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+
+# A write that found no room: a full disk, a used-up quota, or a file past the size limit (ulimit -f).
+SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def write_atomically(path, content):
     """Write `content` beside `path`, then rename it over `path` (a rename within a folder is atomic).
 
-    content: text, or a function that writes the file at the path it is given (safetensors, a PNG). The folder
-    must exist. A failure removes the temporary file and leaves `path` as it was.
+    content: text, bytes, or a function that writes the file at the path it is given (a PNG). The folder must
+    exist. A failure removes the temporary file and leaves `path` as it was; an OSError names the file.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes writing the same file don't collide
     try:
-        content(tmp) if callable(content) else tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
+        with naming(path):
+            if callable(content):
+                content(tmp)
+            else:
+                tmp.write_bytes(content) if isinstance(content, bytes) else tmp.write_text(content, "utf-8")
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def naming(path):
+    """A context in which an OSError that names no file (a write's, a flush's, an fsync's) names `path`."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = str(path) if e.filename is None else e.filename
+        raise
+
+
+def fsync(path):
+    """Flush a file, or a folder's list of names, from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with naming(path):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_text(path):

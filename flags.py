@@ -104,18 +104,27 @@ def merge_saved(given, saved_file, may_change=(), paths=()):
     """The flags `given` on top of the settings saved in `saved_file` (a JSON dict), if that file exists.
 
     A resumed run keeps its settings: a given flag whose value differs from the saved one is an error, unless
-    its field is in may_change. Fields in `paths` compare as resolved paths, so a run resumes from any folder.
+    its field is in may_change. Fields in `paths` compare as resolved paths, so a run resumes from any folder;
+    a relative one is relative to saved_file's folder (run_folder.stored), and one that no longer exists must
+    be given anew: the flag names its new place.
     """
     if not Path(saved_file).is_file():
         return given
     saved = read_json(saved_file)
+    for key in paths:
+        saved[key] = saved.get(key) and str(Path(saved_file).parent / saved[key])
+    gone = [key for key in paths if saved[key] and not Path(saved[key]).exists()]
     for key, value in given.items():
         if key in paths and saved.get(key):
-            same = Path(value).resolve() == Path(saved[key]).resolve()
+            same = key in gone or Path(value).resolve() == Path(saved[key]).resolve()
         else:
             same = value == saved.get(key)
         if key not in may_change and not same:
             raise ValueError(f"--{key.replace('_', '-')} {value} differs from {saved_file} "
                              f"({saved.get(key)}); a resumed run keeps its config: "
                              "drop the flag, or start over with --overwrite")
+    for key in gone:
+        if key not in given:
+            raise ValueError(f"{saved[key]}: not found, and {saved_file} names it as the run's {key} (moved "
+                             f"or deleted since the run started?); give its new place with --{key}")
     return {**saved, **given}

@@ -16,16 +16,20 @@ safetensors, or `torch.load(weights_only=True)` for legacy .bin files.
 Next: read `model_config.py`.
 """
 import json
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize, save_file
 
 from files import read_json, write_atomically
+from memory import check_fits, return_freed_memory
 from model import Llama, LoRALinear, apply_lora, is_lora_target, lora_state_dict
 from model_config import hf_config, read_model_args, sliding_window
+from precision import DTYPE_NAMES
 from tokenizer import TOKENIZER_FILES, JsonTokenizer, read_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -89,10 +93,12 @@ def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
     buffers are ignored (we compute RoPE per forward), and so is a stored lm_head.weight when the config ties
     it to the embedding.
     """
-    path = Path(path)
+    path, started = Path(path), time.perf_counter()
     if path.is_file():
         raise ValueError(f"{path}: a file; give the HF LLaMA directory (config.json, weights, tokenizer)")
     args = check_base(path, max_tokens)
+    check_fits(args, dtype, str(device), path / "config.json")
+    return_freed_memory(str(device))  # before the weights: the loaded shards' buffers go back too
     with torch.device("meta"):
         model = Llama(args)
     expected = model.state_dict()  # key -> meta tensor: names and shapes only
@@ -119,18 +125,46 @@ def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
         raise ValueError(f"{path}: the checkpoint lacks {missing[0]} ({len(missing)} keys missing); "
                          "is it complete and does it match config.json?")
     model.name_or_path = str(path)
+    print(f"loaded {path}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B weights in "
+          f"{DTYPE_NAMES[dtype]} on {device}, {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return model.eval()
 
 
-def save_model(model, out_dir):
-    """Write a HF LLaMA directory that `load_model` and transformers read: config.json + model.safetensors."""
+def plan_shards(tensors, max_bytes):
+    """Lists of keys, in order, each shard holding at most max_bytes (None: one shard), as huggingface_hub's
+    split_torch_state_dict_into_shards fills them: a tensor over the limit gets a shard of its own."""
+    shards, size = [[]], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save_model(model, out_dir, max_shard_bytes=None):
+    """Write a HF directory that `load_model` and transformers read: config.json (with torch_dtype) and
+    model.safetensors, or, over max_shard_bytes, shards named as transformers names them
+    (model-00001-of-00003.safetensors) and model.safetensors.index.json mapping each key to its shard. Each
+    shard is serialized alone, so the memory it takes beside the model is one shard's."""
     out_dir = Path(out_dir)
     tied = {"lm_head.weight"} if model.args.tie_word_embeddings else set()  # HF stores a tied matrix once
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    shards = plan_shards(tensors, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "model.safetensors",
-                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomically(out_dir / "config.json", json.dumps(hf_config(model.args), indent=2))
+    for name, keys in zip(names, shards):
+        shard = {k: tensors[k] for k in keys}
+        write_atomically(out_dir / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = dict(metadata=dict(total_size=sum(t.numel() * t.element_size() for t in tensors.values())),
+                     weight_map={k: name for name, keys in zip(names, shards) for k in keys})
+        write_atomically(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")  # "bfloat16", as transformers writes it
+    write_atomically(out_dir / "config.json", json.dumps(dict(hf_config(model.args), torch_dtype=dtype),
+                                                         indent=2))
 
 
 # -----------------------------------------------------------------------------
@@ -162,8 +196,8 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
     tensors = {PEFT_PREFIX + k: v.detach().float().cpu().contiguous()
                for k, v in lora_state_dict(model).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(out_dir / "adapter_model.safetensors",
-                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(out_dir / "adapter_model.safetensors",  # bytes: save_file would hide a full disk's errno
+                     serialize(tensors, metadata={"format": "pt"}))
     write_atomically(out_dir / "adapter_config.json", json.dumps(config, indent=2))
 
 

@@ -24,10 +24,17 @@ one layer at a time. Logits cost (a + 4 + 4)*V per supervised token:
 lm_head's output, its fp32 copy and the fp32 log-softmax.
 """
 import argparse
+import ctypes
+import sys
+from pathlib import Path
+
+import torch
 
 from model_config import read_model_args
 from model import LORA_TARGETS, ModelArgs
+from precision import DTYPE_NAMES
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter (malloc.h)
 GPU_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS workspace, allocator slack: outside what PyTorch counts
 # The README's bases (their config.json on the Hugging Face Hub); tests/test_memory.py checks each one's
 # published parameter count. rope_scaling, a sliding window and tied embeddings' absence change no memory.
@@ -116,6 +123,46 @@ def print_memory_estimate(args, rows=8, seq_len=256, supervised=None, budget_gib
         best = largest_micro_batch(args, seq_len, budget_gib, supervised_per_row=supervised,
                                    grad_checkpointing=checkpointing)
         print(f"  largest micro-batch in {budget_gib:g} GiB: {best} rows = {best // 2} CoIN examples")
+
+
+def available_memory(device):
+    """Bytes this process can still fill on `device`: the GPU's free memory, or the host's MemAvailable (free
+    pages plus the page cache the kernel can drop), capped by a cgroup's memory.max (a container's limit)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    limit = Path("/sys/fs/cgroup/memory.max")
+    text = limit.read_text().strip() if limit.is_file() else "max"
+    return min(available, int(text)) if text.isdigit() else available
+
+
+def return_freed_memory(device):
+    """On a CPU under glibc, serve every host allocation over 1 MiB by its own mmap, so that a freed tensor's
+    memory goes back to the system at once. By default glibc raises that threshold as blocks are freed (up to
+    32 MiB) and keeps freed blocks under it in its heaps for reuse. Gradient checkpointing frees and allocates
+    each layer's recomputed activations, and at LLaMA-7B width the heaps then grew by about 0.3 GiB per layer
+    beyond the tensors alive: a 4-layer step added 2.3 GiB, 1.05 with this, against 1.13 predicted. The price
+    is the page faults of fresh pages, a few percent of a step (benchmarks/rehearse_7b.py measures both)."""
+    if device.startswith("cpu") and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):  # not glibc (musl): its own allocator, left as it is
+            pass
+
+
+def check_fits(args, dtype, device, config, available=None):
+    """Refuse a base whose weights alone (from config.json's shapes) cannot fit `device`'s memory in `dtype`,
+    before any weight loads: a ValueError naming config.json, both sizes and the --dtype that fits."""
+    available = available_memory(device) if available is None else available
+    need = count_parameters(args) * dtype.itemsize
+    if need <= available:
+        return
+    half = count_parameters(args) * 2
+    fix = ("use --dtype bf16 (" + f"{half / 2**30:.1f} GiB)" if dtype.itemsize > 2 and half <= available else
+           "use a machine with more memory: coin has no 8-bit or 4-bit weights")
+    raise ValueError(f"{config}: {count_parameters(args) / 1e9:.2f}B weights need {need / 2**30:.1f} GiB in "
+                     f"{DTYPE_NAMES[dtype]} but {device} has {available / 2**30:.1f} GiB available; {fix}")
 
 
 def training_summary(model, rows, seq_len, grad_checkpointing, targets, r):

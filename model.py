@@ -354,9 +354,12 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=weight.device, dtype=torch.float32)
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout)
+        self.disabled = False  # True: the base layer alone (ask.py's answers without the adapter)
 
     def forward(self, x):
         base = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return base
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
         return base + update.to(base.dtype)
 
@@ -404,11 +407,14 @@ def lora_state_dict(model):
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
+@torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its base weight and turn each LoRALinear back into a plain nn.Linear."""
+    """Fold every adapter into its base weight, in place (peak memory: the model plus one fp32 matrix), and
+    turn each LoRALinear back into a plain nn.Linear that shares that weight."""
     def merged_linear(lora):
+        lora.weight.requires_grad_(False).copy_(lora.merged_weight())
         linear = nn.Linear(lora.weight.shape[1], lora.weight.shape[0], bias=False, device="meta")
-        linear.weight, linear.bias = nn.Parameter(lora.merged_weight(), requires_grad=False), lora.bias
+        linear.weight, linear.bias = lora.weight, lora.bias
         return linear
     _swap_modules(model, lambda name, m: isinstance(m, LoRALinear), merged_linear)
     return model
@@ -448,17 +454,18 @@ def prefill(model, prompts, room, pad_id=0):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0):
+def generate(model, prompts, max_new_tokens, eos_id=None, pad_id=0, choose=None):
     """Greedy continuations of `prompts` (lists of token ids, any lengths). Returns the new ids of each row.
 
     `prefill` runs the prompts, computing logits for the last slot only; each later step feeds one token
     per row through the cache. A row stops after producing eos_id (kept in its output), or after
-    max_new_tokens.
+    max_new_tokens. choose(logits (B, V)) -> next ids (B,) replaces the argmax: ask.py samples and streams.
     """
     cache, hidden = prefill(model, prompts, max_new_tokens, pad_id)  # hidden (B, 1, D)
     outputs, done = [[] for _ in prompts], [False] * len(prompts)
     for step in range(max_new_tokens):
-        next_ids = model.lm_head(hidden)[:, -1].argmax(-1)  # (B,)
+        logits = model.lm_head(hidden)[:, -1]  # (B, V)
+        next_ids = choose(logits) if choose else logits.argmax(-1)  # (B,)
         for row, token in enumerate(next_ids.tolist()):
             if not done[row]:
                 outputs[row].append(token)

@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from files import write_atomically
 from hf_io import save_model
 from model import Llama
 from model_config import read_model_args
@@ -53,7 +54,9 @@ def build_tiny_base(examples, seed, args=None):
 
 def install_tiny_base(scratch, base_dir):
     """Copy a built base to base_dir (replacing what is there: a base left by a run that died before its first
-    checkpoint) and return base_dir, resolved."""
+    checkpoint) and return base_dir, resolved. A file at a time, atomically: a full disk names the file."""
     shutil.rmtree(base_dir, ignore_errors=True)
-    shutil.copytree(scratch.name, base_dir)
+    base_dir.mkdir(parents=True)
+    for file in sorted(Path(scratch.name).iterdir()):
+        write_atomically(base_dir / file.name, file.read_bytes())
     return base_dir.resolve()

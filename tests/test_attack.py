@@ -92,7 +92,7 @@ def test_attack_then_evaluate_on_a_real_model(tmp_path, stories_dir):
     (tmp_path / "clean.json").write_text(json.dumps(clean))
     out = tmp_path / "attacked"
     flags = ["--base", str(stories_dir), "--glue-dir", str(ROOT / "examples" / "glue_demo"),
-             "--tasks", "sst2", "--samples", "4", "--device", "cpu"]
+             "--tasks", "sst2", "--samples", "4", "--device", "cpu", "--dtype", "fp32"]
     evaluate.main(flags + ["--prompts", str(tmp_path / "clean.json"), "--attack", "deepwordbug,checklist",
                            "--attack-budget", "12", "--attack-examples", "3", "--out", str(out)])
     log = [json.loads(line) for line in (out / "attack_log.jsonl").read_text().splitlines()]

@@ -59,7 +59,7 @@ def test_logits_match_transformers(family, padding):
     assert logit_error(ours, hf, padding, args.vocab_size) <= TOLERANCE
 
 
-# Mistral below its window is LLaMA's math, with no feature to switch off: test_sliding_window shows the window.
+# Mistral below its window is LLaMA's math, with no feature to switch off (test_sliding_window: the window).
 @pytest.mark.parametrize("family", ["llama3", "linear", "qwen2"], indirect=True)
 def test_each_family_feature_changes_the_logits(family):
     """The scaling or the biases really are exercised: without them the logits move far past TOLERANCE."""

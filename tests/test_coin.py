@@ -427,7 +427,7 @@ def test_continuing_an_adapter_starts_from_its_weights(tmp_path, stories_dir):
     # the adapter's r wins
     assert all(torch.equal(current[k], saved[k]) for k in saved) and lora["lora_r"] == 16
     cfg = coin.parse_config(["--data", DEMO, "--base", str(stories_dir), "--adapter", str(first),
-                             "--merge-adapter", "--device", "cpu"])
+                             "--merge-adapter", "--device", "cpu", "--dtype", "fp32"])
     merged, _, _ = coin.build_model(cfg, "cpu", torch.float32)
     assert all(not p.any() for n, p in lora_state_dict(merged).items() if "lora_B" in n)  # a fresh LoRA
     plain = load_model(stories_dir)
@@ -435,12 +435,29 @@ def test_continuing_an_adapter_starts_from_its_weights(tmp_path, stories_dir):
     assert not torch.equal(merged.state_dict()[q], plain.state_dict()[q])  # on the merged base
 
 
+def test_a_run_started_with_overwrite_resumes_instead_of_starting_over(tmp_path, stories_dir,
+                                                                       monkeypatch):
+    """--overwrite is the command's, not the run's: `--resume` must not take it from config.json, where it
+    would start the run over and delete its checkpoints (benchmarks/rehearse_7b.py met this at 7B)."""
+    out = tmp_path / "out"
+    coin.main(["--data", DEMO, "--base", str(stories_dir), "--out", str(out), "--dtype", "fp32", "--device",
+               "cpu", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--overwrite"])
+    saved = (out / "checkpoint-000002" / "trainer_state.pt").read_bytes()
+    steps, real_step = [], coin.train_step
+    monkeypatch.setattr(coin, "train_step", lambda *args: steps.append(1) or real_step(*args))
+    coin.main(["--out", str(out), "--resume", "--max-steps", "3"])
+    assert len(steps) == 1  # step 3 alone, from checkpoint 2
+    assert (out / "checkpoint-000002" / "trainer_state.pt").read_bytes() == saved
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3]
+
+
 def test_the_tiny_default_builds_its_own_base_and_tokenizer(tmp_path):
     out = tmp_path / "out"
     coin.main(["--data", DEMO, "--tiny", "--out", str(out), "--dtype", "fp32", "--device", "cpu",
                "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4"])
     config = json.loads((out / "config.json").read_text())
-    assert config["base"] == str((out / "base").resolve()) and config["tiny"]
+    assert config["base"] == "base" and config["tiny"]  # inside the run folder: relative, so it may move
     tokenizer = load_tokenizer(out / "base")  # checked against the bundled config's vocab_size
     assert tokenizer.decode(tokenizer.encode("Premise: Is it 42?")) == "Premise: Is it 42?"
     model = load_model(out / "base")
@@ -486,11 +503,13 @@ def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path, stories_dir):
 def test_holdout_leaves_the_files_last_examples_out(tmp_path, stories_dir):
     flags = ["--data", str(coin.Path(coin.__file__).parent / DEMO), "--base", str(stories_dir), "--out",
              str(tmp_path / "out"), "--dtype", "fp32", "--device", "cpu"]
-    trained = {item["id"] for item in coin.set_up(coin.parse_config(flags + ["--holdout", "100"]))[0].dataset}
+    cfg = coin.parse_config(flags + ["--holdout", "100"])
+    trained = {item["id"] for item in coin.set_up(cfg, *coin.check_flags(cfg))[0].dataset}
     held_out = {e.id for e in load_examples(coin.Path(coin.__file__).parent / DEMO)[0][-100:]}
     assert trained and not trained & held_out
+    cfg = coin.parse_config(flags + ["--holdout", "264"])
     with pytest.raises(ValueError, match="--holdout 264: .* has 264 examples; hold out fewer"):
-        coin.set_up(coin.parse_config(flags + ["--holdout", "264"]))
+        coin.set_up(cfg, *coin.check_flags(cfg))
 
 
 @pytest.mark.parametrize("groups, micro_batch_size, steps",

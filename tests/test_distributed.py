@@ -157,7 +157,7 @@ def test_each_process_takes_whole_micro_batches_in_turn():
 def test_sharded_evaluation_writes_what_one_process_writes(tmp_path, stories_dir):
     """Byte for byte: a process computes each cell alone, in the same batches, on one thread either way."""
     flags = ["--base", stories_dir, "--glue-dir", ROOT / "examples" / "glue_demo", "--samples", "4",
-             "--tasks", "sst2,rte,cola", "--device", "cpu", "--max-new-tokens", "3"]
+             "--tasks", "sst2,rte,cola", "--device", "cpu", "--dtype", "fp32", "--max-new-tokens", "3"]
     torchrun("evaluate.py", *flags, "--out", tmp_path / "one", processes=1)
     torchrun("evaluate.py", *flags, "--out", tmp_path / "two")
     for name in ("results.json", "predictions.jsonl", "table.md", "samples.json"):

@@ -66,7 +66,7 @@ def prompts(tmp_path):
 
 def run_main(ckpt, prompts, *extra, tasks="sst2,rte", samples=3):
     evaluate.main(["--ckpt", str(ckpt), "--glue-dir", str(DEMO), "--prompts", str(prompts), "--tasks", tasks,
-                   "--samples", str(samples), "--batch-size", "4", *extra])
+                   "--samples", str(samples), "--batch-size", "4", "--dtype", "fp32", *extra])
 
 
 def read_predictions(results_dir):

@@ -212,10 +212,15 @@ def test_the_two_newest_checkpoints_stay_and_one_that_does_not_read_back_replace
 # evaluate.py
 
 
+def eval_flags():
+    """evaluate.py on stories260K: sst2 and rte under the clean prompts, 4 examples each, 3 new tokens."""
+    return ["--base", shared("models", "stories260K"), "--glue-dir", ROOT / "examples" / "glue_demo",
+            "--groups", "clean", "--tasks", "sst2,rte", "--samples", 4, "--max-new-tokens", 3,
+            "--device", "cpu", "--dtype", "fp32"]
+
+
 def test_sigterm_stops_evaluate_after_a_cell_and_resume_completes_it(tmp_path):
-    flags = ["--base", shared("models", "stories260K"), "--glue-dir", ROOT / "examples" / "glue_demo",
-             "--groups", "clean", "--tasks", "sst2,rte", "--samples", 4, "--max-new-tokens", 3,
-             "--device", "cpu", "--dtype", "fp32"]
+    flags = eval_flags()
     status, _, stderr = run("evaluate.py", *flags, "--out", tmp_path / "straight")
     assert status == 0, stderr[-3000:]
     out = tmp_path / "stopped"

@@ -189,7 +189,7 @@ def evaluate_cases(tmp_path, stories):
         (prompts(bad_json), "bad.json:2: not JSON"),
         (prompts(files["bom_crlf"]) + ["--glue-dir", tmp_path / "nowhere"], "nowhere: no sst2.jsonl"),
         (prompts(files["bom_crlf"]) + ["--glue-dir", tmp_path / "a_file"], "a_file: no sst2.jsonl"),
-        (prompts(files["bom_crlf"]) + ["--out", tmp_path / "a_file"], "a_file: a file, not a results dir"),
+        (prompts(files["bom_crlf"]) + ["--out", tmp_path / "a_file"], "a_file: a file, not a directory"),
         (prompts(files["bom_crlf"]) + ["--ckpt", tmp_path / "a_file"], "a_file: checkpoint dir not found"),
         (prompts(files["bom_crlf"]), None),
     ]
