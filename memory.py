@@ -22,9 +22,15 @@ Layer 0 saves less: its input needs no gradient, so its first RMSNorm, the q/k/v
 copies of A are not kept. With checkpointing a layer keeps only its input (a*D), and backward recomputes
 one layer at a time. Logits cost (a + 4 + 4)*V per supervised token:
 lm_head's output, its fp32 copy and the fp32 log-softmax.
+
+On a CPU the same counts hold under bf16 autocast, with two things left out. The shards' file pages, which
+the kernel maps while the weights load and may drop (9.4 GiB at LLaMA-7B), are not the process's own memory.
+glibc's heaps would keep freed activations; load_model calls return_freed_memory so that they go back. Then
+benchmarks/rehearse_7b.py measured a LLaMA-7B CoIN step's peak 2% under this prediction.
 """
 import argparse
 import ctypes
+import os
 import sys
 from pathlib import Path
 
@@ -140,11 +146,12 @@ def available_memory(device):
 def return_freed_memory(device):
     """On a CPU under glibc, serve every host allocation over 1 MiB by its own mmap, so that a freed tensor's
     memory goes back to the system at once. By default glibc raises that threshold as blocks are freed (up to
-    32 MiB) and keeps freed blocks under it in its heaps for reuse. Gradient checkpointing frees and allocates
-    each layer's recomputed activations, and at LLaMA-7B width the heaps then grew by about 0.3 GiB per layer
-    beyond the tensors alive: a 4-layer step added 2.3 GiB, 1.05 with this, against 1.13 predicted. The price
-    is the page faults of fresh pages, a few percent of a step (benchmarks/rehearse_7b.py measures both)."""
-    if device.startswith("cpu") and sys.platform.startswith("linux"):
+    32 MiB) and keeps freed blocks under it in its heaps for reuse; gradient checkpointing frees and allocates
+    each layer's recomputed activations, and the heaps grew with the layers: at LLaMA-7B a CoIN step peaked at
+    19.8 GiB, 14.7 with this against 15.0 predicted. The price is the page faults of fresh pages: that step
+    ran about 15% slower. A user who prefers the speed sets MALLOC_MMAP_THRESHOLD_=33554432, which is kept."""
+    chosen = "MALLOC_MMAP_THRESHOLD_" in os.environ  # glibc read it at start: the user's choice stands
+    if device.startswith("cpu") and sys.platform.startswith("linux") and not chosen:
         try:
             ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
         except (OSError, AttributeError):  # not glibc (musl): its own allocator, left as it is
