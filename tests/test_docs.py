@@ -2,9 +2,12 @@
 exists, and the README's Quickstart and Tests blocks are still what .ci/run and the Quickstart run."""
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
+import quickstart_numbers
+import replicate
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -58,3 +61,15 @@ def test_the_quickstart_block_installs_and_runs_what_exists():
         assert (ROOT / requirements).is_file(), requirements
     scripts = re.findall(r"^python (\S+\.py)", block, re.M)
     assert scripts and all((ROOT / script).is_file() for script in scripts), scripts
+
+
+def test_the_quickstart_runs_the_arms_and_bases_that_its_test_checks():
+    """tests/test_replicate.py checks base0's continual and CoIN arms against the committed answers: the
+    README's command must run those arms, with the same flags, on the shipped bases (replicate.py's default)."""
+    command = fenced_block((ROOT / "README.md").read_text(), "## Quickstart").splitlines()[-1]
+    assert command.startswith("python replicate.py ") and "--bases" not in command
+    readme_arms = replicate.parse_arms(re.search(r'--arms "([^"]*)"', command)[1])
+    tested = quickstart_numbers.ARGS
+    assert Path(tested[tested.index("--bases") + 1]).parent == replicate.TOY_BASES
+    for arm, flags in replicate.parse_arms(tested[tested.index("--arms") + 1]).items():
+        assert readme_arms[arm] == flags, arm
