@@ -125,7 +125,9 @@ def load_model(path, dtype=torch.float32, device="cpu", max_tokens=None):
         raise ValueError(f"{path}: the checkpoint lacks {missing[0]} ({len(missing)} keys missing); "
                          "is it complete and does it match config.json?")
     model.name_or_path = str(path)
-    print(f"loaded {path}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B weights in "
+    count = sum(p.numel() for p in model.parameters())
+    size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+    print(f"loaded {path}: {size} weights in "
           f"{DTYPE_NAMES[dtype]} on {device}, {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return model.eval()
 
