@@ -65,7 +65,8 @@ def test_the_quickstart_block_installs_and_runs_what_exists():
 
 def test_the_quickstart_runs_the_arms_and_bases_that_its_test_checks():
     """tests/test_replicate.py checks base0's continual and CoIN arms against the committed answers: the
-    README's command must run those arms, with the same flags, on the shipped bases (replicate.py's default)."""
+    README's command must run those arms, with the same flags, on the shipped bases (replicate.py's
+    default)."""
     command = fenced_block((ROOT / "README.md").read_text(), "## Quickstart").splitlines()[-1]
     assert command.startswith("python replicate.py ") and "--bases" not in command
     readme_arms = replicate.parse_arms(re.search(r'--arms "([^"]*)"', command)[1])
