@@ -31,8 +31,8 @@ def flan(flan_templates_path):
 # The demo file and the official CSV
 
 def test_demo_file_is_exactly_what_the_documented_command_builds(tmp_path, monkeypatch, capsys):
-    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    argv = shlex.split(re.search(r"python prepare_data\.py (build [^\n]*?--seed \d+)", readme, re.S)[1])
+    documented = (ROOT / "docs" / "training.md").read_text().replace("\\\n", " ")
+    argv = shlex.split(re.search(r"python prepare_data\.py (build [^\n]*?--seed \d+)", documented, re.S)[1])
     argv[argv.index("--out") + 1] = str(tmp_path / "demo.jsonl")
     monkeypatch.chdir(ROOT)
     prepare_data.main(argv)
