@@ -162,13 +162,13 @@ def check_fits(args, dtype, device, config, available=None):
     """Refuse a base whose weights alone (from config.json's shapes) cannot fit `device`'s memory in `dtype`,
     before any weight loads: a ValueError naming config.json, both sizes and the --dtype that fits."""
     available = available_memory(device) if available is None else available
-    need = count_parameters(args) * dtype.itemsize
+    count = count_parameters(args)
+    need, half = count * dtype.itemsize, count * 2
     if need <= available:
         return
-    half = count_parameters(args) * 2
     fix = ("use --dtype bf16 (" + f"{half / 2**30:.1f} GiB)" if dtype.itemsize > 2 and half <= available else
            "use a machine with more memory: coin has no 8-bit or 4-bit weights")
-    raise ValueError(f"{config}: {count_parameters(args) / 1e9:.2f}B weights need {need / 2**30:.1f} GiB in "
+    raise ValueError(f"{config}: {count / 1e9:.2f}B weights need {need / 2**30:.1f} GiB in "
                      f"{DTYPE_NAMES[dtype]} but {device} has {available / 2**30:.1f} GiB available; {fix}")
 
 

@@ -75,8 +75,7 @@ def train_base(cfg, seed, data, folder):
         if step % 50 == 0 or step == cfg.base_steps - 1:
             print(f"base step {step + 1}/{cfg.base_steps}: answer cross-entropy {parts['gen'] / groups:.3f}")
     save_model(model, folder)
-    tokenizer_bytes = (Path(scratch.name) / "tokenizer.model").read_bytes()
-    write_atomically(folder / "tokenizer.model", lambda tmp: tmp.write_bytes(tokenizer_bytes))
+    write_atomically(folder / "tokenizer.model", (Path(scratch.name) / "tokenizer.model").read_bytes())
     return dict(seed=seed, last_answer_loss=round(parts["gen"] / groups, 4))
 
 

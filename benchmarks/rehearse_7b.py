@@ -174,9 +174,8 @@ def memory_of(pid, gpu):
         used = [int(m) for p, m in (line.split(",") for line in query.splitlines()) if int(p) == pid]
         return dict(gpu=sum(used) * 2**20)
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    kib = {name: int(fields[key].split()[0]) * 1024 for name, key in
-           (("anon", "RssAnon"), ("file", "RssFile"), ("rss", "VmRSS"))}
-    return kib
+    return {name: int(fields[key].split()[0]) * 1024 for name, key in  # the kernel counts kB
+            (("anon", "RssAnon"), ("file", "RssFile"), ("rss", "VmRSS"))}
 
 
 def run(command, log, gpu=False, on_start=None):
