@@ -5,7 +5,6 @@ input is one line before any model loads.
 On the real tiny model ../shared/models/stories260K under a random non-zero LoRA adapter, fp32 on a CPU.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
